@@ -1,0 +1,1 @@
+"""How good and how fast: data, teacher, distillation proxy, latency, metrics."""

@@ -1,0 +1,22 @@
+"""Task metrics on dev/test logits (scikit-learn does the arithmetic)."""
+
+from __future__ import annotations
+
+import torch
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+# The worst value each metric can take: the objective value recorded for an untrained candidate.
+WORST = {"accuracy": 0.0, "f1_macro": 0.0, "mcc": -1.0}
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, teacher_logits=None) -> dict:
+    pred = logits.argmax(dim=-1).numpy()
+    y = labels.numpy()
+    out = {
+        "accuracy": float(accuracy_score(y, pred)),
+        "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "mcc": float(matthews_corrcoef(y, pred)),
+    }
+    if teacher_logits is not None:  # the least seed-noisy proxy signal (shared/README.md)
+        out["agreement"] = float((teacher_logits.argmax(dim=-1).numpy() == pred).mean())
+    return out

@@ -1,0 +1,110 @@
+"""The distillation proxy: train a candidate briefly with knowledge distillation, score it on dev.
+
+Every candidate is trained under the same rule (same initialisation scheme, steps, batches and
+seed), so their scores are comparable. Intermediate dev scores are reported through a callback so
+that an Optuna pruner can stop bad candidates early.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from evaluators.data import TaskData
+from evaluators.metrics import compute_metrics
+from evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
+from searchspace.arch import ArchConfig
+from searchspace.build import build_student
+
+
+class Stopped(Exception):
+    """Raised out of ``evaluate`` when ``report`` says the candidate should stop (pruned)."""
+
+    def __init__(self, step: int, score: float):
+        super().__init__(f"stopped at step {step} with score {score:.4f}")
+        self.step, self.score = step, score
+
+
+@dataclass
+class EvalResult:
+    score: float  # the task metric on dev
+    metrics: dict  # every dev metric, plus agreement with the teacher
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, dev score)
+    train_seconds: float = 0.0
+
+
+class DistillationProxy:
+    def __init__(
+        self,
+        *,
+        teacher: PreTrainedModel,
+        data: TaskData,
+        train_logits: torch.Tensor,
+        dev_logits: torch.Tensor,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        warmup_ratio: float,
+        temperature: float,
+        alpha_ce: float,
+        eval_every: int = 0,
+        init: str = "teacher",
+        seed: int = 0,
+    ):
+        self.teacher, self.data = teacher, data
+        self.train_logits, self.dev_logits = train_logits, dev_logits
+        self.steps, self.batch_size, self.lr, self.warmup_ratio = steps, batch_size, lr, warmup_ratio
+        self.temperature, self.alpha_ce = temperature, alpha_ce
+        self.eval_every, self.init, self.seed = eval_every, init, seed
+
+    def score(self, model: PreTrainedModel) -> dict:
+        logits = predict_logits(model, self.data.dev)
+        return compute_metrics(logits, self.data.dev.labels, self.dev_logits)
+
+    def evaluate(
+        self,
+        arch: ArchConfig,
+        *,
+        report: Callable[[int, float], bool] | None = None,
+        progress: bool = True,
+    ) -> tuple[EvalResult, PreTrainedModel]:
+        """Train ``arch`` for ``steps`` KD steps; ``report(step, score)`` returning True stops it."""
+        model = build_student(arch, self.teacher, init=self.init, seed=self.seed)
+        metric = self.data.metric
+        opt, sched = make_optimizer(model, lr=self.lr, steps=self.steps,
+                                    warmup_ratio=self.warmup_ratio)
+        batches = shuffled_batches(len(self.data.train), self.batch_size, self.seed,
+                                   self.data.train.lengths)
+        curve: list[tuple[int, float]] = []
+        start = time.perf_counter()
+        model.train()
+        bar = tqdm(range(1, self.steps + 1), desc=f"distill {arch.name}", disable=not progress,
+                   unit="step", leave=False)
+        for step in bar:
+            idx = next(batches)
+            out = model(**self.data.train.batch(idx)).logits
+            loss = kd_loss(out, self.train_logits[idx], self.data.train.labels[idx],
+                           temperature=self.temperature, alpha_ce=self.alpha_ce)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if self.eval_every and step % self.eval_every == 0 and step < self.steps:
+                s = self.score(model)[metric]
+                curve.append((step, s))
+                bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{s:.3f}")
+                if report is not None and report(step, s):
+                    raise Stopped(step, s)
+        seconds = time.perf_counter() - start
+        metrics = self.score(model)
+        curve.append((self.steps, metrics[metric]))
+        if report is not None:
+            report(self.steps, metrics[metric])
+        model.eval()
+        return EvalResult(metrics[metric], metrics, curve, seconds), model

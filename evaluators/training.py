@@ -1,0 +1,84 @@
+"""The small training toolkit shared by teacher fine-tuning and the distillation proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import get_linear_schedule_with_warmup
+
+from evaluators.data import Split
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int,
+                     lengths: torch.Tensor | None = None, group: int = 50) -> Iterator[torch.Tensor]:
+    """Index batches forever, reshuffled every epoch by a seeded generator.
+
+    With ``lengths``, each run of ``group`` batches is sorted by length before it is cut into
+    batches (then the batches are shuffled): rows of a batch have similar lengths, so dynamic
+    padding pads little. Batches stay random in content, as in transformers' group_by_length.
+    """
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g)
+        batches = []
+        for i in range(0, n, batch_size * group):
+            chunk = perm[i:i + batch_size * group]
+            if lengths is not None:
+                chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+            batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+        if n >= batch_size:  # drop ragged batches (at most one per group)
+            batches = [b for b in batches if len(b) == batch_size]
+        for k in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[k]
+
+
+def make_optimizer(model, *, lr: float, steps: int, warmup_ratio: float, weight_decay: float = 0.01):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
+    sched = get_linear_schedule_with_warmup(opt, int(warmup_ratio * steps), steps)
+    return opt, sched
+
+
+@torch.inference_mode()
+def predict_logits(model, split: Split, *, batch_size: int = 256, progress=None) -> torch.Tensor:
+    """Logits for every row of ``split``; rows are run sorted by length (little padding)."""
+    was_training = model.training
+    model.eval()
+    order = torch.argsort(split.lengths, descending=True)
+    out = torch.empty(len(split), model.config.num_labels)
+    for i in range(0, len(split), batch_size):
+        idx = order[i:i + batch_size]
+        out[idx] = model(**split.batch(idx)).logits.float()
+        if progress is not None:
+            progress.update(len(idx))
+    model.train(was_training)
+    return out
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha_ce: float,
+) -> torch.Tensor:
+    """Hinton et al.: T² · KL(teacher_T || student_T) + alpha · CE(student, labels)."""
+    t = temperature
+    kl = F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1),
+        F.log_softmax(teacher_logits / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    loss = kl * t * t
+    if alpha_ce:
+        loss = loss + alpha_ce * F.cross_entropy(student_logits, labels)
+    return loss

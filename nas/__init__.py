@@ -1,0 +1,1 @@
+"""How to choose: search strategies, study storage, export."""

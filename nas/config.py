@@ -1,0 +1,194 @@
+"""RunConfig: the YAML config as a tree of frozen dataclasses, validated once at the door.
+
+Unknown keys and wrong types are errors naming the key (``UserError`` -> exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+from searchspace.errors import UserError
+from searchspace.space import SearchSpace
+
+_STRICT = ConfigDict(extra="forbid", strict=False)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SplitConfig:
+    """Fractions for the seeded, deduplicated, stratified split made when the data has none."""
+
+    dev: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TaskConfig:
+    dataset: str  # "tweets", a hub dataset id, or a local .csv/.json/.jsonl/.parquet file
+    subset: str | None = None  # the hub dataset's configuration, e.g. "sst2" for "nyu-mll/glue"
+    data_files: dict[str, str] | None = None  # {train: a.csv, dev: b.csv, test: c.csv}
+    text_fields: tuple[str, ...] = ("text",)  # one field, or two for sentence pairs
+    label_field: str = "label"
+    labels: tuple[str, ...] | None = None  # explicit label order (default: the teacher's, sorted)
+    max_length: int = Field(128, ge=8, le=512)
+    metric: Literal["accuracy", "f1_macro", "mcc"] = "accuracy"
+    split: SplitConfig = SplitConfig()
+    max_train_samples: int | None = Field(None, ge=1)  # a seeded subsample of train
+    encoding: str | None = None  # for CSV files, e.g. latin-1
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TeacherConfig:
+    model: str | None = None  # a fine-tuned classifier: folder or hub id
+    finetune_from: str | None = None  # a pretrained checkpoint ("minilm", folder or hub id)
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.model is None) == (self.finetune_from is None):
+            raise ValueError("give exactly one of teacher.model or teacher.finetune_from")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SpaceConfig:
+    num_layers: tuple[int, ...]
+    hidden_size: tuple[int, ...]
+    intermediate_size: tuple[int, ...]
+    num_heads: tuple[int, ...] = ()
+    head_size: int | Literal["teacher"] | None = "teacher"
+    embedding_size: tuple[int | Literal["hidden"], ...] = ("hidden",)
+    num_hidden_groups: tuple[int | Literal["all"], ...] = ("all",)
+
+    def build(self, teacher_head_size: int) -> SearchSpace:
+        head = teacher_head_size if self.head_size == "teacher" else self.head_size
+        return SearchSpace(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_heads=self.num_heads, head_size=head,
+            embedding_size=self.embedding_size, num_hidden_groups=self.num_hidden_groups,
+        )
+
+
+@dataclass(frozen=True, config=_STRICT)
+class BudgetConfig:
+    latency_ms: float | None = Field(None, gt=0)
+    speedup: float | None = Field(None, gt=0)  # over the teacher, measured in the same run
+    max_params: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    seq_len: int = Field(64, ge=1)
+    threads: int = Field(2, ge=1)
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _some_budget(self):
+        if self.latency_ms is None and self.speedup is None and self.max_params is None:
+            raise ValueError("give at least one of budget.latency_ms, budget.speedup, budget.max_params")
+        if self.latency_ms is not None and self.speedup is not None:
+            raise ValueError("give budget.latency_ms or budget.speedup, not both")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SearchConfig:
+    strategy: Literal["optuna"] = "optuna"
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    n_trials: int | None = Field(20, ge=1)  # trained candidates; rejected ones do not count
+    timeout: float | None = Field(None, gt=0)  # seconds of this process's search
+    pruner: Literal["none", "median", "hyperband"] = "none"
+    n_startup_trials: int = Field(5, ge=0)
+    max_rejections: int = Field(200, ge=1)  # consecutive untrained candidates before giving up
+    heartbeat_interval: int = Field(10, ge=1)  # seconds; a RUNNING trial silent for
+    grace_period: int = Field(30, ge=2)  # this long is marked FAIL and re-run
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ProxyConfig:
+    kind: Literal["distill"] = "distill"
+    init: Literal["teacher", "random"] = "teacher"
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(2.0, gt=0)
+    alpha_ce: float = Field(0.5, ge=0)
+    eval_every: int = Field(0, ge=0)  # steps between intermediate dev scores (0: only at the end)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RunConfig:
+    task: TaskConfig
+    teacher: TeacherConfig
+    space: SpaceConfig
+    budget: BudgetConfig
+    search: SearchConfig = SearchConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    seed: int = 0  # sampling, data splits and initialisation
+    run_dir: str = "runs"
+    cache_dir: str | None = None  # default: $TACNAS_CACHE or ~/.cache/tacnas
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+_ADAPTER = TypeAdapter(RunConfig)
+
+
+def config_from_dict(data: Any, *, source: str = "config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of sections (task, teacher, space, budget, ...)")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "unexpected_keyword_argument" or err["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against the config reference in README.md"
+        elif err["type"] == "missing":
+            msg = "missing required key"
+        raise UserError(f"{source}: {where}: {msg}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``--set search.n_trials=5`` style overrides; the value is parsed as YAML."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. search.n_trials=5")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return config_from_dict(apply_overrides(data, list(overrides)), source=str(path))

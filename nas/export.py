@@ -1,0 +1,106 @@
+"""Export a trial as a Hugging Face folder, with arch.json and a report measured again.
+
+What the proxy trained is what is written: the trial's checkpoint (saved by the search). If the
+checkpoint is not on this machine (a worker elsewhere ran the trial), the candidate is trained
+again with the same proxy and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+
+import optuna
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from evaluators.metrics import compute_metrics
+from evaluators.training import predict_logits
+from nas.optuna_search import arch_of, best_trials
+from nas.pipeline import Run
+from nas.report import comparison_text
+from searchspace.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    if number is None:
+        best = best_trials(study)
+        if not best:
+            raise UserError(f"--study {study.study_name}: no trained candidate within the budget yet")
+        return max(best, key=lambda t: t.user_attrs["score"])
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise UserError(f"--trial {number}: the study has trials 0..{len(trials) - 1}")
+    t = trials[number]
+    if t.user_attrs.get("status") != "trained":
+        raise UserError(
+            f"--trial {number}: it was not trained (status {t.user_attrs.get('status', t.state.name)})"
+            "; pick a trained trial from `status`"
+        )
+    return t
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path) -> dict:
+    arch = arch_of(trial)
+    ckpt = Path(run.cfg.run_dir).absolute() / study.study_name / "checkpoints" / f"trial_{trial.number}"
+    if (ckpt / "config.json").is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(ckpt)
+    else:
+        log.warning("checkpoint %s not found here: training trial %d again", ckpt, trial.number)
+        _, model = run.proxy.evaluate(arch, progress=run.progress)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(run.teacher.path).save_pretrained(out)
+    (out / "arch.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")
+
+    # measure what a user loads, the teacher beside it, in this one run
+    loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    student_ms = run.meter.model_ms(loaded)
+    teacher_ms = run.meter.teacher_ms()
+    data = run.data
+    s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels)
+    s_test = compute_metrics(predict_logits(loaded, data.test), data.test.labels)
+    b = run.cfg.budget
+    report = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "metric": data.metric,
+        "budget_ms": study.user_attrs.get("budget_ms"),
+        "speedup": teacher_ms / student_ms,
+        "student": {
+            "arch": arch.name, "class": type(loaded).__name__, "latency_ms": student_ms,
+            "search_latency_ms": trial.user_attrs["latency_ms"],
+            "params": sum(p.numel() for p in loaded.parameters()),
+            "dev": s_dev, "test": s_test, "search_dev_score": trial.user_attrs.get("score"),
+        },
+        "teacher": {
+            "arch": "L{num_hidden_layers}-H{hidden_size}-A{num_attention_heads}-"
+                    "F{intermediate_size}".format(**run.teacher.model.config.to_dict()),
+            "path": run.teacher.path, "latency_ms": teacher_ms, "params": run.teacher_params,
+            "dev": run.teacher_dev, "test": run.teacher_test(),
+        },
+        "measurement": {
+            "batch_size": b.batch_size, "seq_len": b.seq_len, "threads": b.threads,
+            "repeats": b.repeats, "device": cpu_name(), "torch": torch.__version__,
+        },
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = comparison_text(report)
+    (out / "report.md").write_text(
+        f"# {study.study_name} trial {trial.number}: {arch.name}\n\n```\n{text}\n```\n"
+    )
+    return report

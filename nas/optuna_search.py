@@ -1,0 +1,361 @@
+"""The Optuna search: storage, study create/load/resume, sampler, budget constraint, pruner.
+
+Every trial's params are the space's choices, so ``FixedTrial(trial.params)`` rebuilds its
+architecture. A candidate over budget is measured (milliseconds), recorded with its latency and
+a positive ``budget`` constraint (``trial.set_constraint``, which Optuna 5's TPE and NSGA-II
+samplers read), and never trained. ``n_trials`` counts trained candidates across every process
+on the study; rejected, invalid and duplicate candidates do not count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from evaluators.metrics import WORST
+from evaluators.proxy import Stopped
+from nas.config import RunConfig, config_from_dict
+from nas.pipeline import Run
+from searchspace.arch import ArchConfig, InvalidArch
+from searchspace.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TRAINED = ("trained", "pruned")  # statuses that count toward n_trials
+
+
+# ------------------------------------------------------------------------------ storage, study
+
+
+def default_storage(run_dir: str | Path, study: str) -> str:
+    path = Path(run_dir).absolute() / study / "study.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 30):
+    """An RDB URL (sqlite:///, postgresql://, mysql://) or ``journal:///path/to/file.log``."""
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+    try:
+        if url.startswith("journal://"):
+            path = url[len("journal://"):]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(path))
+        kwargs = {}
+        if url.startswith("sqlite"):
+            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        return RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                          heartbeat_stale_trial_callback=retry, **kwargs)
+    except Exception as e:
+        raise UserError(
+            f"--storage {url}: cannot open ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "use sqlite:///path.db, postgresql://user@host/db or journal:///path.log"
+        ) from None
+
+
+def _directions(cfg: RunConfig) -> list[str]:
+    return ["maximize", "minimize"] if cfg.search.sampler == "nsga2" else ["maximize"]
+
+
+def make_sampler(cfg: RunConfig, *, offset: int = 0):
+    """``offset`` (the number of trials already in the study) keeps a resumed sampler from
+    replaying the first process's random draws."""
+    seed = cfg.seed + offset
+    s = cfg.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                      n_startup_trials=s.n_startup_trials)
+
+
+def make_pruner(cfg: RunConfig):
+    s, p = cfg.search, cfg.proxy
+    if s.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=s.n_startup_trials)
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, p.eval_every), max_resource=p.steps)
+    return optuna.pruners.NopPruner()
+
+
+_IGNORED_FOR_MATCH = {("search", "n_trials"), ("search", "timeout")}
+
+
+def _differences(a: dict, b: dict, prefix=()) -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if (*prefix, k) in _IGNORED_FOR_MATCH:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, (*prefix, k))
+        elif va != vb:
+            out.append(".".join((*prefix, k)))
+    return out
+
+
+def load_study(name: str, storage_url: str, *, cfg: RunConfig | None = None) -> optuna.Study:
+    """Load an existing study (for resume/status/export), with a sampler rebuilt from its config."""
+    storage = open_storage(storage_url)
+    try:
+        summary = next(s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+                       if s.study_name == name)
+    except StopIteration:
+        raise UserError(
+            f"--study {name}: no such study in {storage_url}; run `search` first or check --storage"
+        ) from None
+    stored = stored_config(summary.user_attrs, name)
+    cfg = cfg or stored
+    storage = open_storage(storage_url, heartbeat_interval=cfg.search.heartbeat_interval,
+                           grace_period=cfg.search.grace_period)
+    return optuna.load_study(
+        study_name=name, storage=storage,
+        sampler=make_sampler(cfg, offset=summary.n_trials), pruner=make_pruner(cfg),
+    )
+
+
+def stored_config(user_attrs: dict, name: str) -> RunConfig:
+    if "config" not in user_attrs:
+        raise UserError(f"--study {name}: this study was not made by tacnas (no stored config)")
+    return config_from_dict(user_attrs["config"], source=f"study {name}")
+
+
+def create_or_load(name: str, storage_url: str, cfg: RunConfig) -> optuna.Study:
+    """A new study, or the existing one with the same config (many workers share one study)."""
+    storage = open_storage(storage_url, heartbeat_interval=cfg.search.heartbeat_interval,
+                           grace_period=cfg.search.grace_period)
+    existing = {s.study_name: s
+                for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name in existing:
+        diff = _differences(existing[name].user_attrs.get("config", {}), cfg.to_dict())
+        if diff:
+            raise UserError(
+                f"--study {name}: exists in {storage_url} with a different config (differs at "
+                f"{', '.join(diff[:5])}); use `resume --study {name}` or a new --study name"
+            )
+        return load_study(name, storage_url, cfg=cfg)
+    study = optuna.create_study(
+        study_name=name, storage=storage, directions=_directions(cfg),
+        sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True,
+    )
+    study.set_user_attr("config", cfg.to_dict())
+    return study
+
+
+# --------------------------------------------------------------------------------- the search
+
+
+def trained_count(study: optuna.Study) -> int:
+    return sum(
+        1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if t.user_attrs.get("status") in TRAINED
+    )
+
+
+def _finished_same_arch(study: optuna.Study, name: str, number: int) -> FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.number != number and t.user_attrs.get("arch_name") == name and \
+                t.user_attrs.get("status") in ("trained", "over_budget"):
+            return t
+    return None
+
+
+class Objective:
+    """One trial: sample, check the budget (cheap), then train only a feasible candidate."""
+
+    def __init__(self, run: Run, study: optuna.Study, *, budget_ms: float | None):
+        self.run, self.study, self.budget_ms = run, study, budget_ms
+        self.cfg = run.cfg
+        self.multi = len(study.directions) > 1
+        self.worst = WORST[self.cfg.task.metric]
+        self.ckpt_dir = Path(self.cfg.run_dir).absolute() / study.study_name / "checkpoints"
+
+    def _values(self, score: float, latency_ms: float):
+        return (score, latency_ms) if self.multi else score
+
+    def __call__(self, trial: optuna.Trial):
+        try:
+            arch = self.run.space.sample(trial)
+        except InvalidArch as e:
+            trial.set_user_attr("status", "invalid")
+            trial.set_user_attr("reason", str(e))
+            trial.set_constraint("budget", 1.0)
+            return self._values(self.worst, math.inf) if self.multi else self.worst
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("arch_name", arch.name)
+
+        same = _finished_same_arch(self.study, arch.name, trial.number)
+        if same is not None:  # another trial (or worker) did this one: reuse, never retrain
+            for k in ("latency_ms", "params", "score", "metrics"):
+                if k in same.user_attrs:
+                    trial.set_user_attr(k, same.user_attrs[k])
+            trial.set_user_attr("status", "duplicate")
+            trial.set_user_attr("duplicate_of", same.number)
+            for k, v in same.constraints.items():
+                trial.set_constraint(k, v)
+            return tuple(same.values) if self.multi else same.value
+
+        t0 = time.perf_counter()
+        latency = self.run.meter.arch_ms(arch)
+        data = self.run.data
+        params = arch.num_params(vocab_size=self.run.teacher.model.config.vocab_size,
+                                 num_labels=data.num_labels,
+                                 max_position_embeddings=self.run.teacher.model.config.max_position_embeddings,
+                                 type_vocab_size=self.run.teacher.model.config.type_vocab_size)
+        trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("budget_check_s", time.perf_counter() - t0)
+        violation = max(self._violations(latency, params))
+        trial.set_constraint("budget", violation)
+        if violation > 0:
+            trial.set_user_attr("status", "over_budget")
+            return self._values(self.worst, latency)
+
+        def report(step: int, score: float) -> bool:
+            if self.multi:
+                return False
+            trial.report(score, step)
+            return trial.should_prune()
+
+        try:
+            result, model = self.run.proxy.evaluate(arch, report=report, progress=self.run.progress)
+        except Stopped as s:
+            trial.set_user_attr("status", "pruned")
+            trial.set_user_attr("score", s.score)
+            raise optuna.TrialPruned(str(s)) from None
+        model.save_pretrained(self.ckpt_dir / f"trial_{trial.number}")  # what export writes
+        trial.set_user_attr("status", "trained")
+        trial.set_user_attr("score", result.score)
+        trial.set_user_attr("metrics", result.metrics)
+        trial.set_user_attr("curve", result.curve)
+        trial.set_user_attr("train_seconds", result.train_seconds)
+        return self._values(result.score, latency)
+
+    def _violations(self, latency: float, params: int) -> list[float]:
+        out = [-1.0]
+        if self.budget_ms is not None:
+            out.append(latency / self.budget_ms - 1.0)
+        if self.cfg.budget.max_params is not None:
+            out.append(params / self.cfg.budget.max_params - 1.0)
+        return out
+
+
+def resolve_budget(run: Run, study: optuna.Study) -> float | None:
+    """The latency budget in ms, fixed when the study is made (speedup x the teacher's latency
+    measured then), so every later process and worker checks against the same number."""
+    attrs = study.user_attrs
+    if "budget_ms" in attrs:
+        return attrs["budget_ms"]
+    b = run.cfg.budget
+    teacher_ms = run.meter.teacher_ms()
+    budget = b.latency_ms if b.latency_ms is not None else (
+        teacher_ms / b.speedup if b.speedup is not None else None)
+    smallest = run.space.smallest()
+    fast = run.meter.arch_ms(smallest)
+    if budget is not None and fast > budget:
+        which = f"budget.speedup={b.speedup}" if b.speedup else f"budget.latency_ms={b.latency_ms}"
+        raise UserError(
+            f"{which}: the fastest candidate of the space ({smallest.name}) takes {fast:.2f} ms "
+            f"at batch {b.batch_size}, seq_len {b.seq_len}, over the budget of {budget:.2f} ms "
+            f"(teacher {teacher_ms:.2f} ms); relax the budget or add smaller choices to space"
+        )
+    if b.max_params is not None:
+        tc = run.teacher.model.config
+        p = min(a.num_params(vocab_size=tc.vocab_size, num_labels=run.data.num_labels,
+                             max_position_embeddings=tc.max_position_embeddings,
+                             type_vocab_size=tc.type_vocab_size) for a in run.space.all_archs())
+        if p > b.max_params:
+            raise UserError(
+                f"budget.max_params={b.max_params}: the smallest candidate has {p} parameters; "
+                "raise it or add smaller choices (embedding_size shrinks the vocabulary matrix)"
+            )
+    study.set_user_attr("teacher_ms", teacher_ms)
+    study.set_user_attr("budget_ms", budget)
+    study.set_user_attr("teacher_dev", run.teacher_dev)
+    study.set_user_attr("teacher_params", run.teacher_params)
+    study.set_user_attr("space_size", run.space.size)
+    return budget
+
+
+def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
+               timeout: float | None) -> dict:
+    """Run trials until the study holds ``n_trials`` trained candidates (or ``timeout``)."""
+    budget_ms = resolve_budget(run, study)
+    if n_trials is not None:
+        study.set_user_attr("n_trials", n_trials)
+    target = study.user_attrs.get("n_trials")
+    objective = Objective(run, study, budget_ms=budget_ms)
+    done = trained_count(study)
+    streak = {"untrained": 0, "exhausted": False}
+    bar = tqdm(total=target, initial=done, desc=f"search {study.study_name}", unit="trained",
+               disable=not run.progress)
+
+    def after(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get("status") in TRAINED:
+            streak["untrained"] = 0
+            bar.update(1)
+            bar.set_postfix(best=_best_text(study))
+        else:
+            streak["untrained"] += 1
+        if target is not None and trained_count(study) >= target:
+            study.stop()
+        if streak["untrained"] >= run.cfg.search.max_rejections:
+            streak["exhausted"] = True
+            study.stop()
+
+    if target is None or done < target:
+        study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after],
+                       gc_after_trial=True)
+    bar.close()
+    summary = {"trained": trained_count(study), "target": target,
+               "exhausted": streak["exhausted"], "budget_ms": budget_ms}
+    if streak["exhausted"]:
+        log.warning(
+            "stopped after %d candidates in a row were over budget, invalid or already trained: "
+            "the feasible part of the space may be exhausted (%d trained)",
+            run.cfg.search.max_rejections, summary["trained"],
+        )
+    if not any(t.user_attrs.get("status") == "trained" for t in study.get_trials(deepcopy=False)):
+        raise UserError(
+            f"budget: no candidate met the budget of {budget_ms:.2f} ms in "
+            f"{len(study.trials)} tries; relax the budget or add smaller choices to space"
+        )
+    return summary
+
+
+def _best_text(study: optuna.Study) -> str:
+    best = best_trials(study)
+    return f"{max(t.user_attrs['score'] for t in best):.4f}" if best else "-"
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best feasible trained trial (single objective), or the feasible trained Pareto front
+    over (score up, latency down) for a multi-objective study."""
+    done = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("status") == "trained" and all(v <= 0 for v in t.constraints.values())
+    ]
+    if not done:
+        return []
+    if len(study.directions) == 1:
+        return [max(done, key=lambda t: (t.value, -t.number))]
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        (sa, la), (sb, lb) = a.values, b.values
+        return sa >= sb and la <= lb and (sa > sb or la < lb)
+
+    front = [t for t in done if not any(dominates(o, t) for o in done)]
+    return sorted(front, key=lambda t: t.values[1])
+
+
+def arch_of(trial: FrozenTrial) -> ArchConfig:
+    return ArchConfig.from_dict(trial.user_attrs["arch"])

@@ -1,0 +1,93 @@
+"""The one function that wires config -> data, teacher, latency meter, space and proxy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evaluators.data import TaskData, load_task
+from evaluators.latency import LatencyMeter
+from evaluators.metrics import compute_metrics
+from evaluators.proxy import DistillationProxy
+from evaluators.teacher import (
+    Teacher,
+    cache_root,
+    load_teacher,
+    load_tokenizer,
+    resolve_source,
+    teacher_logits,
+)
+from nas.config import RunConfig
+from searchspace.errors import UserError
+from searchspace.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    cache: Path
+    data: TaskData
+    teacher: Teacher
+    space: SearchSpace
+    meter: LatencyMeter
+    proxy: DistillationProxy
+    teacher_dev: dict
+    progress: bool
+
+    def teacher_test(self) -> dict:
+        logits = teacher_logits(self.teacher, self.data.test, name="test", cache_dir=self.cache,
+                                progress=self.progress)
+        return compute_metrics(logits, self.data.test.labels)
+
+    @property
+    def teacher_params(self) -> int:
+        return sum(p.numel() for p in self.teacher.model.parameters())
+
+
+def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
+    torch.manual_seed(cfg.seed)
+    cache = cache_root(cfg.cache_dir)
+    t = cfg.teacher
+    source = t.model if t.model is not None else resolve_source(t.finetune_from)
+    tokenizer = load_tokenizer(source, trust_remote_code=t.trust_remote_code)
+    teacher_config = None
+    if t.model is not None:  # a fine-tuned teacher's label order is the one to follow
+        from transformers import AutoConfig
+
+        teacher_config = AutoConfig.from_pretrained(source, trust_remote_code=t.trust_remote_code)
+    data = load_task(cfg.task, tokenizer, teacher_config=teacher_config, seed=cfg.seed)
+    teacher = load_teacher(t, data, tokenizer=tokenizer, cache_dir=cache, seed=cfg.seed,
+                           progress=progress)
+    train_logits = teacher_logits(teacher, data.train, name="train", cache_dir=cache,
+                                  progress=progress)
+    dev_logits = teacher_logits(teacher, data.dev, name="dev", cache_dir=cache, progress=progress)
+    teacher_dev = compute_metrics(dev_logits, data.dev.labels)
+    log.info("teacher dev: %s", {k: round(v, 4) for k, v in teacher_dev.items()})
+
+    space = cfg.space.build(teacher.head_size)
+    if cfg.proxy.init == "teacher":
+        tc = teacher.model.config
+        too_wide = [h for h in space.hidden_size if h > tc.hidden_size]
+        too_wide_f = [f for f in space.intermediate_size if f > tc.intermediate_size]
+        if too_wide or too_wide_f:
+            raise UserError(
+                f"space: hidden_size {too_wide} / intermediate_size {too_wide_f} exceed the "
+                f"teacher's ({tc.hidden_size}, {tc.intermediate_size}); remove them or set "
+                "proxy.init: random"
+            )
+    b = cfg.budget
+    meter = LatencyMeter(teacher.model, batch_size=b.batch_size, seq_len=b.seq_len,
+                         threads=b.threads, warmup=b.warmup, repeats=b.repeats)
+    p = cfg.proxy
+    proxy = DistillationProxy(
+        teacher=teacher.model, data=data, train_logits=train_logits, dev_logits=dev_logits,
+        steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_ratio=p.warmup_ratio,
+        temperature=p.temperature, alpha_ce=p.alpha_ce, eval_every=p.eval_every, init=p.init,
+        seed=cfg.seed,
+    )
+    return Run(cfg, cache, data, teacher, space, meter, proxy, teacher_dev, progress)

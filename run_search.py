@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""tacnas command line: search, resume, status, export.
+
+Parses and dispatches only. A user's mistake (config, data, checkpoint, storage, budget) exits
+with code 2 and a one-line message; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from searchspace.errors import UserError
+
+log = logging.getLogger("tacnas")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_search.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def storage_args(sp, run_dir=True):
+        sp.add_argument("--study", required=sp.prog.split()[-1] != "search",
+                        help="study name (search: default is the config file's name)")
+        sp.add_argument("--storage", help="Optuna storage URL (default: sqlite in the run folder)")
+        if run_dir:
+            sp.add_argument("--run-dir", default="runs", help="where runs/<study>/ lives")
+
+    s = sub.add_parser("search", help="start (or join) a search")
+    s.add_argument("--config", required=True)
+    storage_args(s, run_dir=False)
+    s.add_argument("--n-trials", type=int, help="trained candidates in the study, in total")
+    s.add_argument("--timeout", type=float, help="seconds for this process")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set search.n_trials=5")
+
+    r = sub.add_parser("resume", help="continue a study (its config is stored in it)")
+    storage_args(r)
+    r.add_argument("--n-trials", type=int, help="new total of trained candidates")
+    r.add_argument("--timeout", type=float)
+
+    st = sub.add_parser("status", help="a table of the study's trials and the best one")
+    storage_args(st)
+
+    e = sub.add_parser("export", help="write a trial as a Hugging Face folder with a report")
+    storage_args(e)
+    e.add_argument("--trial", type=int, help="trial number (default: the best)")
+    e.add_argument("--out", required=True, help="output folder")
+    return p
+
+
+def _storage(args, run_dir: str, study: str) -> str:
+    from nas.optuna_search import default_storage
+
+    return args.storage or default_storage(run_dir, study)
+
+
+def _existing_storage(args) -> str:
+    if args.storage:
+        return args.storage
+    path = Path(args.run_dir) / args.study / "study.db"
+    if not path.is_file():
+        raise UserError(
+            f"--study {args.study}: no {path}; pass --storage URL or --run-dir where it was run"
+        )
+    return f"sqlite:///{path.absolute()}"
+
+
+def cmd_search(args) -> int:
+    from nas.config import load_config
+    from nas.optuna_search import create_or_load, run_search
+    from nas.pipeline import prepare
+
+    overrides = list(args.set)
+    if args.n_trials is not None:
+        overrides.append(f"search.n_trials={args.n_trials}")
+    cfg = load_config(args.config, overrides)
+    name = args.study or Path(args.config).stem
+    study = create_or_load(name, _storage(args, cfg.run_dir, name), cfg)
+    run = prepare(cfg, progress=not args.quiet)
+    return _finish_search(run, study, cfg.search.n_trials, args.timeout or cfg.search.timeout)
+
+
+def cmd_resume(args) -> int:
+    from nas.optuna_search import load_study, run_search  # noqa: F401
+    from nas.pipeline import prepare
+
+    study = load_study(args.study, _existing_storage(args))
+    from nas.optuna_search import stored_config
+
+    cfg = stored_config(study.user_attrs, args.study)
+    run = prepare(cfg, progress=not args.quiet)
+    return _finish_search(run, study, args.n_trials, args.timeout)
+
+
+def _finish_search(run, study, n_trials, timeout) -> int:
+    from nas.optuna_search import run_search
+    from nas.report import status_text
+
+    summary = run_search(run, study, n_trials=n_trials, timeout=timeout)
+    print(status_text(study))
+    print(f"\n{summary['trained']} trained of {summary['target']} requested")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from nas.optuna_search import load_study
+    from nas.report import status_text
+
+    print(status_text(load_study(args.study, _existing_storage(args))))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nas.export import export_trial, pick_trial
+    from nas.optuna_search import load_study, stored_config
+    from nas.pipeline import prepare
+    from nas.report import comparison_text
+
+    study = load_study(args.study, _existing_storage(args))
+    trial = pick_trial(study, args.trial)
+    run = prepare(stored_config(study.user_attrs, args.study), progress=not args.quiet)
+    report = export_trial(run, study, trial, Path(args.out))
+    print(comparison_text(report))
+    print(f"\nexported to {args.out} (AutoModelForSequenceClassification.from_pretrained loads it)")
+    return 0
+
+
+COMMANDS = {"search": cmd_search, "resume": cmd_resume, "status": cmd_status, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else getattr(logging, args.log_level)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import optuna
+    import transformers
+
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if level <= logging.DEBUG else optuna.logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if args.quiet:
+        import datasets
+
+        datasets.disable_progress_bars()
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are kept; continue with `run_search.py resume`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

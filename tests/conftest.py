@@ -1,0 +1,43 @@
+"""Fixtures: a tiny task and teacher built once per session (seconds), an isolated cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+from tests import tiny_assets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TACNAS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A folder with ``tiny/data.csv`` and ``tiny/teacher/`` (what configs/tiny.yaml names)."""
+    root = tmp_path_factory.mktemp("tinyproj")
+    tiny_assets.build(root / "tiny")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_dir):
+    return AutoModelForSequenceClassification.from_pretrained(tiny_dir / "tiny" / "teacher").eval()
+
+
+@pytest.fixture
+def random_teacher():
+    """An untrained BERT in the shape of tests' teachers: 4 layers, hidden 64, 4 heads of 16."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()

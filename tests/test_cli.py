@@ -1,0 +1,154 @@
+"""End to end through the CLI on configs/tiny.yaml: search, status, resume, export, kill."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(ROOT / "run_search.py"), "--quiet", *args], cwd=cwd,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture
+def project(tiny_dir, tmp_path):
+    """A working folder holding tiny/ and tiny.yaml, as a user would have."""
+    (tmp_path / "tiny").symlink_to(tiny_dir / "tiny")
+    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "tiny.yaml")
+    return tmp_path
+
+
+def _study(project: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{project}/runs/{name}/study.db")
+
+
+def test_search_resume_export_and_load(project):
+    out = cli("search", "--config", "tiny.yaml", "--n-trials", "3", cwd=project).stdout
+    assert "3 trained of 3 requested" in out and "best: #" in out
+    first = {t.number: t.values for t in _study(project).trials}
+
+    cli("resume", "--study", "tiny", "--n-trials", "5", cwd=project)
+    study = _study(project)
+    trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]
+    assert len(trained) == 5
+    assert all(study.trials[n].values == v for n, v in first.items())  # nothing lost or redone
+    assert len({t.user_attrs["arch_name"] for t in trained}) == 5
+
+    status = cli("status", "--study", "tiny", cwd=project).stdout
+    assert "dev score" in status and "best: #" in status
+
+    out = cli("export", "--study", "tiny", "--out", "exported", cwd=project).stdout
+    assert "speedup" in out and "teacher" in out
+    exp = project / "exported"
+    for f in ("config.json", "model.safetensors", "arch.json", "report.json", "tokenizer.json"):
+        assert (exp / f).is_file(), f
+    model = AutoModelForSequenceClassification.from_pretrained(exp).eval()
+    best = max(trained, key=lambda t: t.value)
+    ckpt = AutoModelForSequenceClassification.from_pretrained(
+        project / "runs" / "tiny" / "checkpoints" / f"trial_{best.number}").eval()
+    x = torch.randint(5, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, ckpt(input_ids=x).logits)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(exp)("good day")["input_ids"][0] == 2  # [CLS]
+
+
+def test_sigkill_mid_trial_then_resume_keeps_every_finished_trial(project):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, str(ROOT / "run_search.py"), "--quiet", "search", "--config",
+            "tiny.yaml", "--n-trials", "4", "--set", "proxy.steps=300", "--set", "proxy.eval_every=0",
+            "--set", "search.heartbeat_interval=1", "--set", "search.grace_period=2"]
+    proc = subprocess.Popen(args, cwd=project, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    db = project / "runs" / "tiny" / "study.db"
+    deadline = time.time() + 240
+    killed_number = None
+    try:
+        while time.time() < deadline and killed_number is None:  # 1 trained, 1 training
+            time.sleep(0.2)
+            if not db.exists():
+                continue
+            try:
+                con = sqlite3.connect(db, timeout=5)
+                rows = con.execute(
+                    "select t.number, t.state, (select count(*) from trial_user_attributes a "
+                    "where a.trial_id = t.trial_id and a.key = 'latency_ms') from trials t").fetchall()
+                con.close()
+            except sqlite3.OperationalError:
+                continue
+            done = [r for r in rows if r[1] == "COMPLETE"]
+            training = [r for r in rows if r[1] == "RUNNING" and r[2]]
+            if done and training:
+                trained_now = [t for t in _study(project).trials
+                               if t.user_attrs.get("status") == "trained"]
+                if trained_now:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_number = training[0][0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert killed_number is not None, "never caught the search mid-trial"
+    before = {t.number: (t.state, t.values) for t in _study(project).trials
+              if t.state == optuna.trial.TrialState.COMPLETE}
+    killed_params = _study(project).trials[killed_number].params
+    time.sleep(3)  # past the grace period: the silent RUNNING trial is stale
+
+    cli("resume", "--study", "tiny", cwd=project)
+    study = _study(project)
+    for n, (state, values) in before.items():
+        assert study.trials[n].state == state and study.trials[n].values == values
+    assert study.trials[killed_number].state == optuna.trial.TrialState.FAIL
+    rerun = [t for t in study.trials[killed_number + 1:] if t.params == killed_params]
+    assert rerun and rerun[0].user_attrs.get("status") in ("trained", "duplicate")
+    trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]
+    assert len(trained) == 4
+    assert len({t.user_attrs["arch_name"] for t in trained}) == 4
+
+
+def test_bad_config_exits_2_naming_the_key(project):
+    bad = project / "bad.yaml"
+    bad.write_text((project / "tiny.yaml").read_text().replace("sampler: tpe", "samplr: tpe"))
+    p = cli("search", "--config", "bad.yaml", cwd=project, check=False)
+    assert p.returncode == 2
+    assert "search.samplr" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "budget.speedup=500"], "budget.speedup=500"),
+    (["--set", "task.label_field=sentiment"], "task.label_field"),
+    (["--set", "teacher.model=missing/teacher"], "teacher"),
+    (["--storage", "nosuchdb://x"], "--storage"),
+])
+def test_user_mistakes_exit_2_with_one_line(project, args, fragment):
+    p = cli("search", "--config", "tiny.yaml", "--study", "oops", *args, cwd=project, check=False)
+    assert p.returncode == 2, p.stderr
+    assert fragment in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_resume_of_an_unknown_study_exits_2(project):
+    p = cli("resume", "--study", "nope", cwd=project, check=False)
+    assert p.returncode == 2 and "--study nope" in p.stderr

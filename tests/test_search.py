@@ -1,0 +1,130 @@
+"""The Optuna search on a synthetic evaluator with a known optimum: fast, no training."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from evaluators.proxy import EvalResult
+from nas.config import config_from_dict
+from nas.optuna_search import best_trials, create_or_load, default_storage, run_search
+from searchspace.arch import ArchConfig
+from searchspace.errors import UserError
+
+
+class FakeMeter:
+    def __init__(self):
+        self.measured = []
+
+    def arch_ms(self, arch: ArchConfig) -> float:
+        self.measured.append(arch)
+        return arch.flops(batch_size=1, seq_len=16) / 1e6
+
+    def teacher_ms(self) -> float:
+        return ArchConfig(4, 128, 8, 256, 128, 4).flops(batch_size=1, seq_len=16) / 1e6
+
+
+def true_score(arch: ArchConfig) -> float:
+    """Bigger is better, depth most: the optimum sits on the budget's boundary."""
+    return 0.3 + 0.1 * arch.num_layers + arch.hidden_size / 1000 + arch.intermediate_size / 4000
+
+
+class FakeProxy:
+    def __init__(self):
+        self.trained = []
+
+    def evaluate(self, arch, *, report=None, progress=False):
+        self.trained.append(arch)
+        s = true_score(arch)
+        if report is not None:
+            report(1, s)
+        return EvalResult(s, {"accuracy": s}, [(1, s)]), SimpleNamespace(save_pretrained=lambda p: None)
+
+
+def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0):
+    cfg = config_from_dict(dict(
+        task=dict(dataset="x.csv"), teacher=dict(model="t"),
+        space=dict(num_layers=[1, 2, 3, 4], hidden_size=[32, 64, 96, 128],
+                   intermediate_size=[64, 128, 256]),
+        budget=dict(speedup=speedup), search=dict(sampler=sampler, n_trials=n_trials,
+                                                  n_startup_trials=4, max_rejections=60),
+        run_dir=str(tmp_path),
+    ))
+    model_cfg = SimpleNamespace(vocab_size=99, max_position_embeddings=64, type_vocab_size=2)
+    return SimpleNamespace(
+        cfg=cfg, space=cfg.space.build(teacher_head_size=16), meter=FakeMeter(), proxy=FakeProxy(),
+        data=SimpleNamespace(num_labels=2), teacher=SimpleNamespace(model=SimpleNamespace(config=model_cfg)),
+        teacher_dev={"accuracy": 0.9}, teacher_params=1, progress=False,
+    )
+
+
+def _study(run, name="s"):
+    return create_or_load(name, default_storage(run.cfg.run_dir, name), run.cfg)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2"])
+def test_budget_is_hard_and_only_feasible_candidates_train(tmp_path, sampler):
+    run = fake_run(tmp_path, sampler)
+    study = _study(run)
+    summary = run_search(run, study, n_trials=12, timeout=None)
+    budget = study.user_attrs["budget_ms"]
+    assert summary["trained"] == 12
+    assert all(run.meter.arch_ms(a) <= budget for a in run.proxy.trained)
+    assert len(set(run.proxy.trained)) == len(run.proxy.trained)  # nothing trained twice
+    over = [t for t in study.trials if t.user_attrs.get("status") == "over_budget"]
+    assert all(t.user_attrs["latency_ms"] > budget and t.constraints["budget"] > 0 for t in over)
+    for t in study.trials:  # every trial's params rebuild its architecture
+        arch = run.space.sample(optuna.trial.FixedTrial(t.params))
+        assert arch.to_dict() == t.user_attrs["arch"]
+
+
+def test_tpe_finds_the_known_optimum_under_the_budget(tmp_path):
+    run = fake_run(tmp_path, "tpe", n_trials=20)
+    study = _study(run)
+    run_search(run, study, n_trials=20, timeout=None)
+    budget = study.user_attrs["budget_ms"]
+    feasible = sorted((true_score(a) for a in run.space.all_archs()
+                       if run.meter.arch_ms(a) <= budget), reverse=True)
+    best = best_trials(study)[0]
+    assert best.value >= feasible[2], (best.value, feasible[:5])  # top 3 of the feasible set
+    assert best.user_attrs["latency_ms"] <= budget
+
+
+def test_nsga2_front_is_feasible_and_non_dominated(tmp_path):
+    run = fake_run(tmp_path, "nsga2", n_trials=15)
+    study = _study(run)
+    run_search(run, study, n_trials=15, timeout=None)
+    front = best_trials(study)
+    assert len(front) >= 2
+    for a in front:
+        assert a.constraints["budget"] <= 0
+        for b in front:
+            assert not (b.values[0] > a.values[0] and b.values[1] < a.values[1])
+
+
+def test_resume_continues_to_the_new_total_without_retraining(tmp_path):
+    run = fake_run(tmp_path, "tpe")
+    study = _study(run)
+    run_search(run, study, n_trials=5, timeout=None)
+    first = list(run.proxy.trained)
+    run2 = fake_run(tmp_path, "tpe")
+    study2 = _study(run2)
+    run_search(run2, study2, n_trials=9, timeout=None)
+    assert len(run2.proxy.trained) == 4
+    assert not set(first) & set(run2.proxy.trained)
+
+
+def test_unreachable_budget_is_a_user_error(tmp_path):
+    run = fake_run(tmp_path, "tpe", speedup=1000.0)
+    with pytest.raises(UserError, match=r"budget\.speedup=1000.0: the fastest candidate"):
+        run_search(run, _study(run), n_trials=3, timeout=None)
+
+
+def test_a_different_config_under_the_same_study_name_is_refused(tmp_path):
+    run = fake_run(tmp_path)
+    _study(run)
+    other = fake_run(tmp_path, speedup=3.0)
+    with pytest.raises(UserError, match="different config .*budget.speedup"):
+        _study(other)
