@@ -74,7 +74,7 @@ def _existing_storage(args) -> str:
 
 def cmd_search(args) -> int:
     from nas.config import load_config
-    from nas.optuna_search import create_or_load, run_search
+    from nas.optuna_search import create_or_load
     from nas.pipeline import prepare
 
     overrides = list(args.set)
@@ -88,12 +88,10 @@ def cmd_search(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from nas.optuna_search import load_study, run_search  # noqa: F401
+    from nas.optuna_search import load_study, stored_config
     from nas.pipeline import prepare
 
     study = load_study(args.study, _existing_storage(args))
-    from nas.optuna_search import stored_config
-
     cfg = stored_config(study.user_attrs, args.study)
     run = prepare(cfg, progress=not args.quiet)
     return _finish_search(run, study, args.n_trials, args.timeout)

@@ -97,7 +97,7 @@ class ArchConfig:
         type_vocab_size: int = 2,
     ) -> int:
         """Exact parameter count of the transformers model ``build`` makes (tested)."""
-        h, e, f = self.hidden_size, self.embedding_size, self.intermediate_size
+        h, e = self.hidden_size, self.embedding_size
         emb = (vocab_size + max_position_embeddings + type_vocab_size) * e + 2 * e
         if self.is_albert:
             emb += e * h + h  # embedding_hidden_mapping_in
