@@ -65,7 +65,11 @@ class TaskData:
 
     @property
     def num_labels(self) -> int:
-        return len(self.label_names)
+        return 1 if self.labels_are_scores else len(self.label_names)
+
+    @property
+    def labels_are_scores(self) -> bool:
+        return self.train.labels.is_floating_point()
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -161,10 +165,10 @@ def _dedupe(texts, labels):
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
-def _stratified(texts, labels, frac: float, seed: int):
+def _stratified(texts, labels, frac: float, seed: int, regression: bool = False):
     """Split off ``frac``; stratified where every class has at least two examples."""
     counts = np.unique(labels, return_counts=True)[1]
-    strat = labels if counts.min() >= 2 else None
+    strat = labels if not regression and counts.min() >= 2 else None
     a_t, b_t, a_y, b_y = train_test_split(
         texts, labels, test_size=frac, random_state=seed, stratify=strat
     )
@@ -178,11 +182,15 @@ def load_task(task, tokenizer, *, teacher_config=None, seed: int = 0) -> TaskDat
     for name in raw:
         key = "dev" if name in _DEV_NAMES else name
         texts, labels = _columns(raw[name], task, name)
-        if all(y is not None and y != -1 for y in labels):  # unlabeled splits (GLUE test) are unusable
+        unlabeled = (None,) if task.problem == "regression" else (None, -1)
+        if all(y not in unlabeled for y in labels):  # unlabeled splits (GLUE test) are unusable
             splits[key] = (texts, labels)
     if "train" not in splits:
         raise UserError(f"task.dataset: no labeled 'train' split (found {sorted(raw)})")
 
+    if task.problem == "regression":
+        return _finish(task, {k: _as_floats(task, k, *v) for k, v in splits.items()}, tokenizer,
+                       [task.label_field], seed)
     all_labels = {y for _, ys in splits.values() for y in ys}
     order = _label_order(task, teacher_config, all_labels)
     index = {name: i for i, name in enumerate(order)}
@@ -194,7 +202,31 @@ def load_task(task, tokenizer, *, teacher_config=None, seed: int = 0) -> TaskDat
                     f"{order}; list every label in task.labels"
                 )
         splits[name] = (texts, [index[str(y)] for y in labels])
+    return _finish(task, splits, tokenizer, order, seed)
 
+
+def _as_floats(task, name, texts, labels):
+    try:
+        return texts, [float(y) for y in labels]
+    except (TypeError, ValueError):
+        bad = next(y for y in labels if not _is_number(y))
+        raise UserError(
+            f"task.label_field: {task.label_field!r} ({name}) holds {bad!r}, not a number; "
+            "a regression task needs numeric labels (or set task.problem: classification)"
+        ) from None
+
+
+def _is_number(y) -> bool:
+    try:
+        float(y)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _finish(task, splits: dict, tokenizer, order: list[str], seed: int) -> TaskData:
+    """Dedupe, split what the data does not provide, subsample train, tokenize."""
+    regression = task.problem == "regression"
     train_t, train_y = _dedupe(*splits["train"])
     held_out = set()
     for name in ("dev", "test"):
@@ -205,20 +237,26 @@ def load_task(task, tokenizer, *, teacher_config=None, seed: int = 0) -> TaskDat
         train_t, train_y = [train_t[i] for i in keep], [train_y[i] for i in keep]
     made_dev = "dev" not in splits
     if made_dev:
-        train_t, train_y, dev_t, dev_y = _stratified(train_t, train_y, task.split.dev, seed)
+        train_t, train_y, dev_t, dev_y = _stratified(train_t, train_y, task.split.dev, seed,
+                                                     regression)
         splits["dev"] = (dev_t, dev_y)
     if "test" not in splits:
         frac = task.split.test / (1 - task.split.dev) if made_dev else task.split.test
-        train_t, train_y, test_t, test_y = _stratified(train_t, train_y, min(frac, 0.5), seed + 1)
+        train_t, train_y, test_t, test_y = _stratified(train_t, train_y, min(frac, 0.5), seed + 1,
+                                                       regression)
         splits["test"] = (test_t, test_y)
     if task.max_train_samples and len(train_t) > task.max_train_samples:
         train_t, _, train_y, _ = train_test_split(
             train_t, train_y, train_size=task.max_train_samples, random_state=seed,
-            stratify=train_y if np.unique(train_y, return_counts=True)[1].min() >= 2 else None,
+            stratify=None if regression or np.unique(train_y, return_counts=True)[1].min() < 2
+            else train_y,
         )
     splits["train"] = (list(train_t), list(train_y))
 
     out = {k: _tokenize(tokenizer, *splits[k], task.max_length) for k in ("train", "dev", "test")}
+    if regression:
+        for split in out.values():
+            split.labels = split.labels.float()
     log.info(
         "data: train %d, dev %d, test %d, labels %s",
         len(out["train"]), len(out["dev"]), len(out["test"]), order,
@@ -236,5 +274,5 @@ def _tokenize(tokenizer, texts, labels, max_length: int) -> Split:
         input_ids=enc["input_ids"].long(),
         token_type_ids=enc["token_type_ids"].long(),
         lengths=enc["attention_mask"].sum(dim=1).long(),
-        labels=torch.tensor(labels, dtype=torch.long),
+        labels=torch.tensor(labels),
     )

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from evaluators.data import Split, TaskData
+from evaluators.metrics import compute_metrics
 from evaluators.training import make_optimizer, predict_logits, shuffled_batches
 from searchspace.errors import UserError
 
@@ -89,12 +90,15 @@ class Teacher:
 def _load_classifier(source: str, *, num_labels: int | None = None, label_names=None,
                      trust_remote_code: bool = False, expect_head: bool = True):
     kwargs = {"trust_remote_code": trust_remote_code, "output_loading_info": True}
-    if label_names is not None:
+    if label_names is not None:  # a fresh head for the task: a different size is expected
         kwargs.update(
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,
         )
+        if len(label_names) == 1:
+            kwargs["problem_type"] = "regression"
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     except Exception as e:
@@ -138,7 +142,8 @@ def load_teacher(cfg, data: TaskData, *, tokenizer, cache_dir: Path, seed: int,
 def _finetune(cfg, source: str, data: TaskData, folder: Path, recipe: dict, *, seed: int,
               progress: bool) -> None:
     torch.manual_seed(seed)
-    model = _load_classifier(source, label_names=data.label_names,
+    names = data.label_names[:1] if data.labels_are_scores else data.label_names
+    model = _load_classifier(source, label_names=names,
                              trust_remote_code=cfg.trust_remote_code, expect_head=False)
     steps = max(1, math.ceil(cfg.epochs * len(data.train) / cfg.batch_size))
     opt, sched = make_optimizer(model, lr=cfg.lr, steps=steps, warmup_ratio=cfg.warmup_ratio)
@@ -156,13 +161,13 @@ def _finetune(cfg, source: str, data: TaskData, folder: Path, recipe: dict, *, s
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    dev_acc = float((predict_logits(model, data.dev).argmax(-1) == data.dev.labels).float().mean())
-    log.info("teacher: fine-tuned %d steps in %.0f s, dev accuracy %.4f",
-             steps, time.perf_counter() - start, dev_acc)
+    dev = compute_metrics(predict_logits(model, data.dev), data.dev.labels)
+    log.info("teacher: fine-tuned %d steps in %.0f s, dev %s %.4f",
+             steps, time.perf_counter() - start, data.metric, dev[data.metric])
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)  # safetensors
     AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps({**recipe, "dev_accuracy": dev_acc}, indent=2))
+    (tmp / "recipe.json").write_text(json.dumps({**recipe, "dev": dev}, indent=2))
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():  # another worker finished first
         shutil.rmtree(tmp)

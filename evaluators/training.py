@@ -70,7 +70,12 @@ def kd_loss(
     temperature: float,
     alpha_ce: float,
 ) -> torch.Tensor:
-    """Hinton et al.: T² · KL(teacher_T || student_T) + alpha · CE(student, labels)."""
+    """Hinton et al.: T² · KL(teacher_T || student_T) + alpha · CE(student, labels); for
+    regression (one output) MSE to the teacher's output + alpha · MSE to the labels."""
+    if student_logits.shape[-1] == 1:
+        s = student_logits[:, 0]
+        loss = F.mse_loss(s, teacher_logits[:, 0].to(s.dtype))
+        return loss + alpha_ce * F.mse_loss(s, labels.to(s.dtype)) if alpha_ce else loss
     t = temperature
     kl = F.kl_div(
         F.log_softmax(student_logits / t, dim=-1),

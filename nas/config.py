@@ -17,6 +17,8 @@ from searchspace.errors import UserError
 from searchspace.space import SearchSpace
 
 _STRICT = ConfigDict(extra="forbid", strict=False)
+CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "mcc")
+REGRESSION_METRICS = ("pearson", "spearman")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -36,10 +38,21 @@ class TaskConfig:
     label_field: str = "label"
     labels: tuple[str, ...] | None = None  # explicit label order (default: the teacher's, sorted)
     max_length: int = Field(128, ge=8, le=512)
-    metric: Literal["accuracy", "f1_macro", "mcc"] = "accuracy"
+    problem: Literal["classification", "regression"] = "classification"
+    metric: Literal["accuracy", "f1_macro", "mcc", "pearson", "spearman"] | None = None
     split: SplitConfig = SplitConfig()
     max_train_samples: int | None = Field(None, ge=1)  # a seeded subsample of train
     encoding: str | None = None  # for CSV files, e.g. latin-1
+
+    @model_validator(mode="after")
+    def _metric_fits_problem(self):
+        allowed = REGRESSION_METRICS if self.problem == "regression" else CLASSIFICATION_METRICS
+        if self.metric is None:  # frozen: set the default once, here
+            object.__setattr__(self, "metric", allowed[0])
+        elif self.metric not in allowed:
+            raise ValueError(f"task.metric {self.metric!r} does not fit a {self.problem} task; "
+                             f"use one of {list(allowed)}")
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT)
