@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+
 from searchspace.errors import UserError
 
 log = logging.getLogger("tacnas")
@@ -83,6 +85,9 @@ def cmd_search(args) -> int:
     cfg = load_config(args.config, overrides)
     name = args.study or Path(args.config).stem
     study = create_or_load(name, _storage(args, cfg.run_dir, name), cfg)
+    folder = Path(cfg.run_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run = prepare(cfg, progress=not args.quiet)
     return _finish_search(run, study, cfg.search.n_trials, args.timeout or cfg.search.timeout)
 

@@ -100,7 +100,8 @@ class BudgetConfig:
     seq_len: int = Field(64, ge=1)
     threads: int = Field(2, ge=1)
     warmup: int = Field(5, ge=0)
-    repeats: int = Field(20, ge=1)
+    repeats: int = Field(20, ge=1)  # timed passes per round; the latency is the lowest
+    rounds: int = Field(3, ge=1)  # of `rounds` medians (load only ever slows a pass)
 
     @model_validator(mode="after")
     def _some_budget(self):

@@ -95,7 +95,8 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
         },
         "measurement": {
             "batch_size": b.batch_size, "seq_len": b.seq_len, "threads": b.threads,
-            "repeats": b.repeats, "device": cpu_name(), "torch": torch.__version__,
+            "repeats": b.repeats, "rounds": b.rounds, "device": cpu_name(),
+            "torch": torch.__version__,
         },
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

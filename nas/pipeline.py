@@ -82,7 +82,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
             )
     b = cfg.budget
     meter = LatencyMeter(teacher.model, batch_size=b.batch_size, seq_len=b.seq_len,
-                         threads=b.threads, warmup=b.warmup, repeats=b.repeats)
+                         threads=b.threads, warmup=b.warmup, repeats=b.repeats, rounds=b.rounds)
     p = cfg.proxy
     proxy = DistillationProxy(
         teacher=teacher.model, data=data, train_logits=train_logits, dev_logits=dev_logits,

@@ -77,7 +77,7 @@ def comparison_text(report: dict) -> str:
     m = report["measurement"]
     return (
         f"measured here: batch {m['batch_size']}, seq_len {m['seq_len']}, {m['threads']} threads, "
-        f"median of {m['repeats']} ({m['device']}); budget {report['budget_ms']:.2f} ms "
+        f"best of {m['rounds']} medians of {m['repeats']} ({m['device']}); budget {report['budget_ms']:.2f} ms "
         f"(measured during the search: {s['search_latency_ms']:.2f} ms)\n"
         + table(head, rows)
     )

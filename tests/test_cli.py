@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForSequenceClassification
 
 from tests.conftest import ROOT
@@ -45,6 +46,8 @@ def _study(project: Path, name: str = "tiny") -> optuna.Study:
 def test_search_resume_export_and_load(project):
     out = cli("search", "--config", "tiny.yaml", "--n-trials", "3", cwd=project).stdout
     assert "3 trained of 3 requested" in out and "best: #" in out
+    resolved = yaml.safe_load((project / "runs" / "tiny" / "config.yaml").read_text())
+    assert resolved["search"]["n_trials"] == 3 and resolved["proxy"]["init"] == "teacher"
     first = {t.number: t.values for t in _study(project).trials}
 
     cli("resume", "--study", "tiny", "--n-trials", "5", cwd=project)
