@@ -206,11 +206,7 @@ class Objective:
 
         t0 = time.perf_counter()
         latency = self.run.meter.arch_ms(arch)
-        data = self.run.data
-        params = arch.num_params(vocab_size=self.run.teacher.model.config.vocab_size,
-                                 num_labels=data.num_labels,
-                                 max_position_embeddings=self.run.teacher.model.config.max_position_embeddings,
-                                 type_vocab_size=self.run.teacher.model.config.type_vocab_size)
+        params = self.run.params_of(arch)
         trial.set_user_attr("latency_ms", latency)
         trial.set_user_attr("params", params)
         trial.set_user_attr("budget_check_s", time.perf_counter() - t0)
@@ -269,10 +265,7 @@ def resolve_budget(run: Run, study: optuna.Study) -> float | None:
             f"(teacher {teacher_ms:.2f} ms); relax the budget or add smaller choices to space"
         )
     if b.max_params is not None:
-        tc = run.teacher.model.config
-        p = min(a.num_params(vocab_size=tc.vocab_size, num_labels=run.data.num_labels,
-                             max_position_embeddings=tc.max_position_embeddings,
-                             type_vocab_size=tc.type_vocab_size) for a in run.space.all_archs())
+        p = min(run.params_of(a) for a in run.space.all_archs())
         if p > b.max_params:
             raise UserError(
                 f"budget.max_params={b.max_params}: the smallest candidate has {p} parameters; "

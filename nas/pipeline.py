@@ -44,6 +44,13 @@ class Run:
                                 progress=self.progress)
         return compute_metrics(logits, self.data.test.labels)
 
+    def params_of(self, arch) -> int:
+        """The parameter count of ``arch`` built with the teacher's vocabulary and labels."""
+        tc = self.teacher.model.config
+        return arch.num_params(vocab_size=tc.vocab_size, num_labels=self.data.num_labels,
+                               max_position_embeddings=tc.max_position_embeddings,
+                               type_vocab_size=tc.type_vocab_size)
+
     @property
     def teacher_params(self) -> int:
         return sum(p.numel() for p in self.teacher.model.parameters())

@@ -52,10 +52,9 @@ def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0):
                                                   n_startup_trials=4, max_rejections=60),
         run_dir=str(tmp_path),
     ))
-    model_cfg = SimpleNamespace(vocab_size=99, max_position_embeddings=64, type_vocab_size=2)
     return SimpleNamespace(
         cfg=cfg, space=cfg.space.build(teacher_head_size=16), meter=FakeMeter(), proxy=FakeProxy(),
-        data=SimpleNamespace(num_labels=2), teacher=SimpleNamespace(model=SimpleNamespace(config=model_cfg)),
+        params_of=lambda a: a.num_params(vocab_size=99, num_labels=2),
         teacher_dev={"accuracy": 0.9}, teacher_params=1, progress=False,
     )
 
