@@ -36,6 +36,8 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     if not 0 <= number < len(trials):
         raise UserError(f"--trial {number}: the study has trials 0..{len(trials) - 1}")
     t = trials[number]
+    if t.user_attrs.get("status") == "duplicate":  # the architecture was trained by another trial
+        t = trials[t.user_attrs["duplicate_of"]]
     if t.user_attrs.get("status") != "trained":
         raise UserError(
             f"--trial {number}: it was not trained (status {t.user_attrs.get('status', t.state.name)})"
