@@ -1,22 +1,28 @@
 """Measured latency: a candidate's forward pass on this machine, at the budget's batch size,
-sequence length and thread count (warm-up, median of repeats, inference mode).
+sequence length and thread count (warm-up, lowest of several medians, inference mode).
 
-A predictive latency model comes later; here every candidate is built and measured. Latency does
-not depend on the weights, so a candidate is measured as a randomly initialised model (cheap to
-build) and results are cached per architecture for the life of the meter.
+Measurements run in a dedicated subprocess that never trains: measured here, batch-1 inference
+in a process that has just trained a model is often 20-35% slower than in a fresh one, which
+would bias every comparison between a candidate and the teacher. Latency does not depend on the
+weights, so a candidate (and the teacher) is measured as a randomly initialised model built from
+its config; results are cached per architecture for the life of the meter. A predictive latency
+model comes later; here every candidate is built and measured.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig
 
 from searchspace.arch import ArchConfig
-from searchspace.build import build_student
+from searchspace.build import student_config
 
 
 @contextmanager
@@ -30,7 +36,7 @@ def torch_threads(n: int):
 
 
 def measure_ms(
-    model: PreTrainedModel,
+    model,
     *,
     batch_size: int,
     seq_len: int,
@@ -61,24 +67,68 @@ def measure_ms(
     return 1000 * min(medians)
 
 
-class LatencyMeter:
-    """Measures architectures built with the teacher's vocabulary and labels."""
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this process when the search process is gone (even SIGKILLed)."""
+    import os
+    import threading
 
-    def __init__(self, teacher: PreTrainedModel, *, batch_size: int, seq_len: int, threads: int,
-                 warmup: int = 5, repeats: int = 20, rounds: int = 3):
-        self.teacher = teacher
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _measure_in_worker(config: dict | None, folder: str | None, settings: dict) -> float:
+    """Runs in the latency subprocess: build from a config dict (random weights) or load a folder."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if folder is not None:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    else:
+        torch.manual_seed(0)
+        cfg = AutoConfig.for_model(**config)
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    return measure_ms(model, **settings)
+
+
+class LatencyMeter:
+    """Measures architectures built with the teacher's vocabulary and labels, in a clean
+    subprocess (``isolated=False`` measures in this process, e.g. for a quick look)."""
+
+    def __init__(self, teacher_config: PretrainedConfig, *, batch_size: int, seq_len: int,
+                 threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3,
+                 isolated: bool = True):
+        self.teacher_config = teacher_config
         self.settings = dict(batch_size=batch_size, seq_len=seq_len, threads=threads,
                              warmup=warmup, repeats=repeats, rounds=rounds)
+        self.isolated = isolated
+        self._pool: ProcessPoolExecutor | None = None
         self._cache: dict[ArchConfig, float] = {}
 
-    def model_ms(self, model: PreTrainedModel) -> float:
-        return measure_ms(model, **self.settings)
+    def _run(self, config: dict | None = None, folder: str | None = None) -> float:
+        if not self.isolated:
+            return _measure_in_worker(config, folder, self.settings)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent, initargs=(os.getpid(),))
+        return self._pool.submit(_measure_in_worker, config, folder, self.settings).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def teacher_ms(self) -> float:
-        return self.model_ms(self.teacher)
+        return self._run(config=self.teacher_config.to_dict())
+
+    def folder_ms(self, folder) -> float:
+        """A saved model (an export), loaded as a user would load it."""
+        return self._run(folder=str(folder))
 
     def arch_ms(self, arch: ArchConfig) -> float:
         if arch not in self._cache:
-            model = build_student(arch, self.teacher, init="random")
-            self._cache[arch] = self.model_ms(model)
+            self._cache[arch] = self._run(config=student_config(arch, self.teacher_config).to_dict())
         return self._cache[arch]

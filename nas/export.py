@@ -71,8 +71,11 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
 
     # measure what a user loads, the teacher beside it, in this one run
     loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    student_ms = run.meter.model_ms(loaded)
-    teacher_ms = run.meter.teacher_ms()
+    try:
+        student_ms = run.meter.folder_ms(out)
+        teacher_ms = run.meter.teacher_ms()
+    finally:
+        run.meter.close()
     data = run.data
     s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels)
     s_test = compute_metrics(predict_logits(loaded, data.test), data.test.labels)

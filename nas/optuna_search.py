@@ -208,6 +208,7 @@ class Objective:
         latency = self.run.meter.arch_ms(arch)
         params = self.run.params_of(arch)
         trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("budget_ms", self.budget_ms)
         trial.set_user_attr("params", params)
         trial.set_user_attr("budget_check_s", time.perf_counter() - t0)
         violation = max(self._violations(latency, params))
@@ -246,24 +247,25 @@ class Objective:
 
 
 def resolve_budget(run: Run, study: optuna.Study) -> float | None:
-    """The latency budget in ms, fixed when the study is made (speedup x the teacher's latency
-    measured then), so every later process and worker checks against the same number."""
+    """The latency budget in ms for this process. ``latency_ms`` is fixed. ``speedup`` is over the
+    teacher measured in this run (by the same latency worker as the candidates, so both see the
+    same machine state); the study keeps the first process's figures for display."""
     attrs = study.user_attrs
-    if "budget_ms" in attrs:
-        return attrs["budget_ms"]
     b = run.cfg.budget
-    teacher_ms = run.meter.teacher_ms()
+    first = "teacher_ms" not in attrs
+    teacher_ms = run.meter.teacher_ms() if (first or b.speedup is not None) else attrs["teacher_ms"]
     budget = b.latency_ms if b.latency_ms is not None else (
         teacher_ms / b.speedup if b.speedup is not None else None)
-    smallest = run.space.smallest()
-    fast = run.meter.arch_ms(smallest)
-    if budget is not None and fast > budget:
-        which = f"budget.speedup={b.speedup}" if b.speedup else f"budget.latency_ms={b.latency_ms}"
-        raise UserError(
-            f"{which}: the fastest candidate of the space ({smallest.name}) takes {fast:.2f} ms "
-            f"at batch {b.batch_size}, seq_len {b.seq_len}, over the budget of {budget:.2f} ms "
-            f"(teacher {teacher_ms:.2f} ms); relax the budget or add smaller choices to space"
-        )
+    if budget is not None:
+        smallest = run.space.smallest()
+        fast = run.meter.arch_ms(smallest)
+        if fast > budget:
+            which = f"budget.speedup={b.speedup}" if b.speedup else f"budget.latency_ms={b.latency_ms}"
+            raise UserError(
+                f"{which}: the fastest candidate of the space ({smallest.name}) takes {fast:.2f} ms"
+                f" at batch {b.batch_size}, seq_len {b.seq_len}, over the budget of {budget:.2f} ms"
+                f" (teacher {teacher_ms:.2f} ms); relax the budget or add smaller choices to space"
+            )
     if b.max_params is not None:
         p = min(run.params_of(a) for a in run.space.all_archs())
         if p > b.max_params:
@@ -271,11 +273,15 @@ def resolve_budget(run: Run, study: optuna.Study) -> float | None:
                 f"budget.max_params={b.max_params}: the smallest candidate has {p} parameters; "
                 "raise it or add smaller choices (embedding_size shrinks the vocabulary matrix)"
             )
-    study.set_user_attr("teacher_ms", teacher_ms)
-    study.set_user_attr("budget_ms", budget)
-    study.set_user_attr("teacher_dev", run.teacher_dev)
-    study.set_user_attr("teacher_params", run.teacher_params)
-    study.set_user_attr("space_size", run.space.size)
+    if first:
+        study.set_user_attr("teacher_ms", teacher_ms)
+        study.set_user_attr("budget_ms", budget)
+        study.set_user_attr("teacher_dev", run.teacher_dev)
+        study.set_user_attr("teacher_params", run.teacher_params)
+        study.set_user_attr("space_size", run.space.size)
+    elif budget is not None:
+        log.info("budget for this process: %.2f ms (teacher %.2f ms now, %.2f ms at creation)",
+                 budget, teacher_ms, attrs["teacher_ms"])
     return budget
 
 
@@ -305,10 +311,13 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
             streak["exhausted"] = True
             study.stop()
 
-    if target is None or done < target:
-        study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after],
-                       gc_after_trial=True)
-    bar.close()
+    try:
+        if target is None or done < target:
+            study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after],
+                           gc_after_trial=True)
+    finally:
+        bar.close()
+        run.meter.close()
     summary = {"trained": trained_count(study), "target": target,
                "exhausted": streak["exhausted"], "budget_ms": budget_ms}
     if streak["exhausted"]:

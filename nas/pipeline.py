@@ -88,7 +88,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
                 "proxy.init: random"
             )
     b = cfg.budget
-    meter = LatencyMeter(teacher.model, batch_size=b.batch_size, seq_len=b.seq_len,
+    meter = LatencyMeter(teacher.model.config, batch_size=b.batch_size, seq_len=b.seq_len,
                          threads=b.threads, warmup=b.warmup, repeats=b.repeats, rounds=b.rounds)
     p = cfg.proxy
     proxy = DistillationProxy(

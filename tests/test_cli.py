@@ -118,6 +118,9 @@ def test_sigkill_mid_trial_then_resume_keeps_every_finished_trial(project):
     killed_params = _study(project).trials[killed_number].params
     time.sleep(3)  # past the grace period: the silent RUNNING trial is stale
 
+    orphans = subprocess.run(["pgrep", "-f", "spawn_main.*--multiprocessing-fork"],
+                             capture_output=True, text=True).stdout.split()
+    assert not [p for p in orphans if _parent(p) == 1], "the latency worker outlived its search"
     cli("resume", "--study", "tiny", cwd=project)
     study = _study(project)
     for n, (state, values) in before.items():
@@ -128,6 +131,13 @@ def test_sigkill_mid_trial_then_resume_keeps_every_finished_trial(project):
     trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]
     assert len(trained) == 4
     assert len({t.user_attrs["arch_name"] for t in trained}) == 4
+
+
+def _parent(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def test_bad_config_exits_2_naming_the_key(project):

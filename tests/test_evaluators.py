@@ -64,10 +64,18 @@ def test_distillation_raises_the_dev_score_and_reports_a_curve(tiny_dir, tiny_te
     assert stopped.value.step == 20
 
 
-def test_latency_grows_with_size_and_is_cached(random_teacher):
-    meter = LatencyMeter(random_teacher, batch_size=4, seq_len=48, threads=1, warmup=2, repeats=7)
-    small = meter.arch_ms(ArchConfig(1, 32, 2, 64, 32, 1))
-    big = meter.arch_ms(ArchConfig(4, 64, 4, 128, 64, 4))
-    assert 0 < small < big
-    assert meter.arch_ms(ArchConfig(1, 32, 2, 64, 32, 1)) == small  # cached, not re-measured
+def test_latency_grows_with_size_and_is_cached(random_teacher, tmp_path):
+    meter = LatencyMeter(random_teacher.config, batch_size=4, seq_len=48, threads=1, warmup=2,
+                         repeats=7)
+    try:
+        small = meter.arch_ms(ArchConfig(1, 32, 2, 64, 32, 1))
+        big = meter.arch_ms(ArchConfig(4, 64, 4, 128, 64, 4))  # the teacher's shape
+        assert 0 < small < big
+        assert meter.arch_ms(ArchConfig(1, 32, 2, 64, 32, 1)) == small  # cached
+        assert meter._pool is not None  # measured in the latency subprocess
+        assert 0.5 < meter.teacher_ms() / big < 2.0  # the same model, built from the config
+        random_teacher.save_pretrained(tmp_path / "t")
+        assert 0.5 < meter.folder_ms(tmp_path / "t") / big < 2.0
+    finally:
+        meter.close()
     assert measure_ms(random_teacher, batch_size=1, seq_len=8, threads=1, repeats=3) > 0

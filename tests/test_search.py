@@ -25,6 +25,9 @@ class FakeMeter:
     def teacher_ms(self) -> float:
         return ArchConfig(4, 128, 8, 256, 128, 4).flops(batch_size=1, seq_len=16) / 1e6
 
+    def close(self) -> None:
+        pass
+
 
 def true_score(arch: ArchConfig) -> float:
     """Bigger is better, depth most: the optimum sits on the budget's boundary."""
