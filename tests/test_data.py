@@ -79,3 +79,19 @@ def test_missing_column_and_unknown_label_are_one_line_errors(tiny_dir, tok):
         load_task(TaskConfig(dataset=path, labels=("negative", "positive")), tok)
     with pytest.raises(UserError, match="no such file"):
         load_task(TaskConfig(dataset="nope.csv"), tok)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_json_and_parquet_files_load_like_csv(tiny_dir, tok, tmp_path, suffix):
+    import datasets
+
+    rows = datasets.load_dataset("csv", data_files=str(tiny_dir / "tiny" / "data.csv"))["train"]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".parquet":
+        rows.to_parquet(str(path))
+    else:
+        rows.to_json(str(path), lines=True)
+    data = load_task(TaskConfig(dataset=str(path), max_length=32), tok)
+    ref = load_task(TaskConfig(dataset=str(tiny_dir / "tiny" / "data.csv"), max_length=32), tok)
+    assert torch.equal(data.dev.input_ids, ref.dev.input_ids)
+    assert torch.equal(data.test.labels, ref.test.labels)

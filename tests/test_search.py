@@ -130,3 +130,15 @@ def test_a_different_config_under_the_same_study_name_is_refused(tmp_path):
     other = fake_run(tmp_path, speedup=3.0)
     with pytest.raises(UserError, match="different config .*budget.speedup"):
         _study(other)
+
+
+def test_journal_storage_holds_a_resumable_study(tmp_path):
+    url = f"journal://{tmp_path}/study.log"
+    run = fake_run(tmp_path)
+    study = create_or_load("j", url, run.cfg)
+    run_search(run, study, n_trials=3, timeout=None)
+    run2 = fake_run(tmp_path)
+    again = create_or_load("j", url, run2.cfg)
+    assert again.user_attrs["n_trials"] == 3
+    run_search(run2, again, n_trials=5, timeout=None)
+    assert len(run2.proxy.trained) == 2 and (tmp_path / "study.log").stat().st_size > 0
