@@ -64,19 +64,21 @@ def _storage(args, run_dir: str, study: str) -> str:
 
 
 def _existing_storage(args) -> str:
+    from nas.optuna_search import run_folder
+
     if args.storage:
         return args.storage
-    path = Path(args.run_dir) / args.study / "study.db"
+    path = run_folder(args.run_dir, args.study) / "study.db"
     if not path.is_file():
         raise UserError(
             f"--study {args.study}: no {path}; pass --storage URL or --run-dir where it was run"
         )
-    return f"sqlite:///{path.absolute()}"
+    return f"sqlite:///{path}"
 
 
 def cmd_search(args) -> int:
     from nas.config import load_config
-    from nas.optuna_search import create_or_load
+    from nas.optuna_search import create_or_load, run_folder
     from nas.pipeline import prepare
 
     overrides = list(args.set)
@@ -85,7 +87,7 @@ def cmd_search(args) -> int:
     cfg = load_config(args.config, overrides)
     name = args.study or Path(args.config).stem
     study = create_or_load(name, _storage(args, cfg.run_dir, name), cfg)
-    folder = Path(cfg.run_dir) / name
+    folder = run_folder(cfg.run_dir, name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run = prepare(cfg, progress=not args.quiet)

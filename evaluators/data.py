@@ -165,12 +165,18 @@ def _dedupe(texts, labels):
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
-def _stratified(texts, labels, frac: float, seed: int, regression: bool = False):
-    """Split off ``frac``; stratified where every class has at least two examples."""
-    counts = np.unique(labels, return_counts=True)[1]
-    strat = labels if not regression and counts.min() >= 2 else None
+def _strata(labels: list):
+    """Stratify by class where every class has at least two examples; never by a regression
+    score (float labels)."""
+    if not labels or isinstance(labels[0], float):
+        return None
+    return labels if np.unique(labels, return_counts=True)[1].min() >= 2 else None
+
+
+def _stratified(texts, labels, frac: float, seed: int):
+    """Split off ``frac``, stratified where ``_strata`` allows."""
     a_t, b_t, a_y, b_y = train_test_split(
-        texts, labels, test_size=frac, random_state=seed, stratify=strat
+        texts, labels, test_size=frac, random_state=seed, stratify=_strata(labels)
     )
     return list(a_t), list(a_y), list(b_t), list(b_y)
 
@@ -206,27 +212,20 @@ def load_task(task, tokenizer, *, teacher_config=None, seed: int = 0) -> TaskDat
 
 
 def _as_floats(task, name, texts, labels):
-    try:
-        return texts, [float(y) for y in labels]
-    except (TypeError, ValueError):
-        bad = next(y for y in labels if not _is_number(y))
-        raise UserError(
-            f"task.label_field: {task.label_field!r} ({name}) holds {bad!r}, not a number; "
-            "a regression task needs numeric labels (or set task.problem: classification)"
-        ) from None
-
-
-def _is_number(y) -> bool:
-    try:
-        float(y)
-        return True
-    except (TypeError, ValueError):
-        return False
+    scores = []
+    for y in labels:
+        try:
+            scores.append(float(y))
+        except (TypeError, ValueError):
+            raise UserError(
+                f"task.label_field: {task.label_field!r} ({name}) holds {y!r}, not a number; "
+                "a regression task needs numeric labels (or set task.problem: classification)"
+            ) from None
+    return texts, scores
 
 
 def _finish(task, splits: dict, tokenizer, order: list[str], seed: int) -> TaskData:
     """Dedupe, split what the data does not provide, subsample train, tokenize."""
-    regression = task.problem == "regression"
     train_t, train_y = _dedupe(*splits["train"])
     held_out = set()
     for name in ("dev", "test"):
@@ -237,26 +236,20 @@ def _finish(task, splits: dict, tokenizer, order: list[str], seed: int) -> TaskD
         train_t, train_y = [train_t[i] for i in keep], [train_y[i] for i in keep]
     made_dev = "dev" not in splits
     if made_dev:
-        train_t, train_y, dev_t, dev_y = _stratified(train_t, train_y, task.split.dev, seed,
-                                                     regression)
+        train_t, train_y, dev_t, dev_y = _stratified(train_t, train_y, task.split.dev, seed)
         splits["dev"] = (dev_t, dev_y)
     if "test" not in splits:
         frac = task.split.test / (1 - task.split.dev) if made_dev else task.split.test
-        train_t, train_y, test_t, test_y = _stratified(train_t, train_y, min(frac, 0.5), seed + 1,
-                                                       regression)
+        train_t, train_y, test_t, test_y = _stratified(train_t, train_y, min(frac, 0.5), seed + 1)
         splits["test"] = (test_t, test_y)
     if task.max_train_samples and len(train_t) > task.max_train_samples:
         train_t, _, train_y, _ = train_test_split(
             train_t, train_y, train_size=task.max_train_samples, random_state=seed,
-            stratify=None if regression or np.unique(train_y, return_counts=True)[1].min() < 2
-            else train_y,
+            stratify=_strata(train_y),
         )
     splits["train"] = (list(train_t), list(train_y))
 
     out = {k: _tokenize(tokenizer, *splits[k], task.max_length) for k in ("train", "dev", "test")}
-    if regression:
-        for split in out.values():
-            split.labels = split.labels.float()
     log.info(
         "data: train %d, dev %d, test %d, labels %s",
         len(out["train"]), len(out["dev"]), len(out["test"]), order,
@@ -274,5 +267,5 @@ def _tokenize(tokenizer, texts, labels, max_length: int) -> Split:
         input_ids=enc["input_ids"].long(),
         token_type_ids=enc["token_type_ids"].long(),
         lengths=enc["attention_mask"].sum(dim=1).long(),
-        labels=torch.tensor(labels),
+        labels=torch.tensor(labels),  # int64 class ids, or float32 regression scores
     )

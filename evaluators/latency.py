@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 import torch
-from transformers import PretrainedConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
 from searchspace.arch import ArchConfig
 from searchspace.build import student_config
@@ -69,7 +69,6 @@ def measure_ms(
 
 def _exit_with_parent(parent: int) -> None:
     """Worker initializer: end this process when the search process is gone (even SIGKILLed)."""
-    import os
     import threading
 
     def watch() -> None:
@@ -82,8 +81,6 @@ def _exit_with_parent(parent: int) -> None:
 
 def _measure_in_worker(config: dict | None, folder: str | None, settings: dict) -> float:
     """Runs in the latency subprocess: build from a config dict (random weights) or load a folder."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     if folder is not None:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
     else:
@@ -95,21 +92,17 @@ def _measure_in_worker(config: dict | None, folder: str | None, settings: dict) 
 
 class LatencyMeter:
     """Measures architectures built with the teacher's vocabulary and labels, in a clean
-    subprocess (``isolated=False`` measures in this process, e.g. for a quick look)."""
+    subprocess started on first use."""
 
     def __init__(self, teacher_config: PretrainedConfig, *, batch_size: int, seq_len: int,
-                 threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3,
-                 isolated: bool = True):
+                 threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3):
         self.teacher_config = teacher_config
         self.settings = dict(batch_size=batch_size, seq_len=seq_len, threads=threads,
                              warmup=warmup, repeats=repeats, rounds=rounds)
-        self.isolated = isolated
         self._pool: ProcessPoolExecutor | None = None
         self._cache: dict[ArchConfig, float] = {}
 
     def _run(self, config: dict | None = None, folder: str | None = None) -> float:
-        if not self.isolated:
-            return _measure_in_worker(config, folder, self.settings)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),

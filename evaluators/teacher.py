@@ -134,12 +134,12 @@ def load_teacher(cfg, data: TaskData, *, tokenizer, cache_dir: Path, seed: int,
     if (folder / "config.json").is_file():
         log.info("teacher: reusing the fine-tuned teacher cached at %s", folder)
     else:
-        _finetune(cfg, source, data, folder, recipe, seed=seed, progress=progress)
+        _finetune(cfg, source, tokenizer, data, folder, recipe, seed=seed, progress=progress)
     model = _load_classifier(str(folder))
     return Teacher(model.eval(), tokenizer, str(folder), key)
 
 
-def _finetune(cfg, source: str, data: TaskData, folder: Path, recipe: dict, *, seed: int,
+def _finetune(cfg, source: str, tokenizer, data: TaskData, folder: Path, recipe: dict, *, seed: int,
               progress: bool) -> None:
     torch.manual_seed(seed)
     names = data.label_names[:1] if data.labels_are_scores else data.label_names
@@ -166,7 +166,7 @@ def _finetune(cfg, source: str, data: TaskData, folder: Path, recipe: dict, *, s
              steps, time.perf_counter() - start, data.metric, dev[data.metric])
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)  # safetensors
-    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     (tmp / "recipe.json").write_text(json.dumps({**recipe, "dev": dev}, indent=2))
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists():  # another worker finished first

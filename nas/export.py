@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from evaluators.metrics import compute_metrics
 from evaluators.training import predict_logits
-from nas.optuna_search import arch_of, best_trials
+from nas.optuna_search import arch_of, best_trials, checkpoint_dir
 from nas.pipeline import Run
 from nas.report import comparison_text
 from searchspace.errors import UserError
@@ -58,7 +58,7 @@ def cpu_name() -> str:
 
 def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path) -> dict:
     arch = arch_of(trial)
-    ckpt = Path(run.cfg.run_dir).absolute() / study.study_name / "checkpoints" / f"trial_{trial.number}"
+    ckpt = checkpoint_dir(run.cfg.run_dir, study.study_name, trial.number)
     if (ckpt / "config.json").is_file():
         model = AutoModelForSequenceClassification.from_pretrained(ckpt)
     else:

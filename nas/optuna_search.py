@@ -35,8 +35,17 @@ TRAINED = ("trained", "pruned")  # statuses that count toward n_trials
 # ------------------------------------------------------------------------------ storage, study
 
 
+def run_folder(run_dir: str | Path, study: str) -> Path:
+    """``runs/<study>/``: study.db (the default storage), config.yaml, checkpoints/, exports/."""
+    return Path(run_dir).absolute() / study
+
+
+def checkpoint_dir(run_dir: str | Path, study: str, number: int) -> Path:
+    return run_folder(run_dir, study) / "checkpoints" / f"trial_{number}"
+
+
 def default_storage(run_dir: str | Path, study: str) -> str:
-    path = Path(run_dir).absolute() / study / "study.db"
+    path = run_folder(run_dir, study) / "study.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -103,24 +112,32 @@ def _differences(a: dict, b: dict, prefix=()) -> list[str]:
     return out
 
 
-def load_study(name: str, storage_url: str, *, cfg: RunConfig | None = None) -> optuna.Study:
+def _summary(storage, name: str):
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if s.study_name == name:
+            return s
+    return None
+
+
+def _open_for(url: str, cfg: RunConfig):
+    return open_storage(url, heartbeat_interval=cfg.search.heartbeat_interval,
+                        grace_period=cfg.search.grace_period)
+
+
+def _load(name: str, storage, cfg: RunConfig, n_trials: int) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage,
+                             sampler=make_sampler(cfg, offset=n_trials), pruner=make_pruner(cfg))
+
+
+def load_study(name: str, storage_url: str) -> optuna.Study:
     """Load an existing study (for resume/status/export), with a sampler rebuilt from its config."""
-    storage = open_storage(storage_url)
-    try:
-        summary = next(s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-                       if s.study_name == name)
-    except StopIteration:
+    summary = _summary(open_storage(storage_url), name)
+    if summary is None:
         raise UserError(
             f"--study {name}: no such study in {storage_url}; run `search` first or check --storage"
-        ) from None
-    stored = stored_config(summary.user_attrs, name)
-    cfg = cfg or stored
-    storage = open_storage(storage_url, heartbeat_interval=cfg.search.heartbeat_interval,
-                           grace_period=cfg.search.grace_period)
-    return optuna.load_study(
-        study_name=name, storage=storage,
-        sampler=make_sampler(cfg, offset=summary.n_trials), pruner=make_pruner(cfg),
-    )
+        )
+    cfg = stored_config(summary.user_attrs, name)
+    return _load(name, _open_for(storage_url, cfg), cfg, summary.n_trials)
 
 
 def stored_config(user_attrs: dict, name: str) -> RunConfig:
@@ -131,18 +148,16 @@ def stored_config(user_attrs: dict, name: str) -> RunConfig:
 
 def create_or_load(name: str, storage_url: str, cfg: RunConfig) -> optuna.Study:
     """A new study, or the existing one with the same config (many workers share one study)."""
-    storage = open_storage(storage_url, heartbeat_interval=cfg.search.heartbeat_interval,
-                           grace_period=cfg.search.grace_period)
-    existing = {s.study_name: s
-                for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if name in existing:
-        diff = _differences(existing[name].user_attrs.get("config", {}), cfg.to_dict())
+    storage = _open_for(storage_url, cfg)
+    summary = _summary(storage, name)
+    if summary is not None:
+        diff = _differences(summary.user_attrs.get("config", {}), cfg.to_dict())
         if diff:
             raise UserError(
                 f"--study {name}: exists in {storage_url} with a different config (differs at "
                 f"{', '.join(diff[:5])}); use `resume --study {name}` or a new --study name"
             )
-        return load_study(name, storage_url, cfg=cfg)
+        return _load(name, storage, cfg, summary.n_trials)
     study = optuna.create_study(
         study_name=name, storage=storage, directions=_directions(cfg),
         sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True,
@@ -177,7 +192,6 @@ class Objective:
         self.cfg = run.cfg
         self.multi = len(study.directions) > 1
         self.worst = WORST[self.cfg.task.metric]
-        self.ckpt_dir = Path(self.cfg.run_dir).absolute() / study.study_name / "checkpoints"
 
     def _values(self, score: float, latency_ms: float):
         return (score, latency_ms) if self.multi else score
@@ -189,7 +203,7 @@ class Objective:
             trial.set_user_attr("status", "invalid")
             trial.set_user_attr("reason", str(e))
             trial.set_constraint("budget", 1.0)
-            return self._values(self.worst, math.inf) if self.multi else self.worst
+            return self._values(self.worst, math.inf)
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("arch_name", arch.name)
 
@@ -229,7 +243,7 @@ class Objective:
             trial.set_user_attr("status", "pruned")
             trial.set_user_attr("score", s.score)
             raise optuna.TrialPruned(str(s)) from None
-        model.save_pretrained(self.ckpt_dir / f"trial_{trial.number}")  # what export writes
+        model.save_pretrained(checkpoint_dir(self.cfg.run_dir, self.study.study_name, trial.number))
         trial.set_user_attr("status", "trained")
         trial.set_user_attr("score", result.score)
         trial.set_user_attr("metrics", result.metrics)
