@@ -193,6 +193,17 @@ class Objective:
         self.multi = len(study.directions) > 1
         self.worst = WORST[self.cfg.task.metric]
 
+    def refresh_budget(self) -> None:
+        """Measure the teacher again (a ``speedup`` budget only). A slow spell of this shared
+        machine during one teacher measurement would loosen the budget, the unsafe direction;
+        the lowest figure seen only ever tightens it."""
+        speedup = self.cfg.budget.speedup
+        if speedup is None:
+            return
+        teacher_ms = min(self.run.meter.teacher_ms(), self.study.user_attrs["teacher_ms"])
+        self.budget_ms = min(self.budget_ms, teacher_ms / speedup)
+        _record_teacher(self.study, teacher_ms, self.budget_ms)
+
     def _values(self, score: float, latency_ms: float):
         return (score, latency_ms) if self.multi else score
 
@@ -268,6 +279,8 @@ def resolve_budget(run: Run, study: optuna.Study) -> float | None:
     b = run.cfg.budget
     first = "teacher_ms" not in attrs
     teacher_ms = run.meter.teacher_ms() if (first or b.speedup is not None) else attrs["teacher_ms"]
+    if not first:  # load only ever slows a measurement: keep the lowest the study has seen
+        teacher_ms = min(teacher_ms, attrs["teacher_ms"])
     budget = b.latency_ms if b.latency_ms is not None else (
         teacher_ms / b.speedup if b.speedup is not None else None)
     if budget is not None:
@@ -293,10 +306,17 @@ def resolve_budget(run: Run, study: optuna.Study) -> float | None:
         study.set_user_attr("teacher_dev", run.teacher_dev)
         study.set_user_attr("teacher_params", run.teacher_params)
         study.set_user_attr("space_size", run.space.size)
-    elif budget is not None:
-        log.info("budget for this process: %.2f ms (teacher %.2f ms now, %.2f ms at creation)",
-                 budget, teacher_ms, attrs["teacher_ms"])
+    else:
+        _record_teacher(study, teacher_ms, budget)
     return budget
+
+
+def _record_teacher(study: optuna.Study, teacher_ms: float, budget_ms: float | None) -> None:
+    if teacher_ms < study.user_attrs["teacher_ms"]:
+        log.info("teacher measured faster (%.2f ms): speedup budget now %.2f ms",
+                 teacher_ms, budget_ms)
+        study.set_user_attr("teacher_ms", teacher_ms)
+        study.set_user_attr("budget_ms", budget_ms)
 
 
 def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
@@ -314,6 +334,7 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.user_attrs.get("status") in TRAINED:
+            objective.refresh_budget()
             streak["untrained"] = 0
             bar.update(1)
             bar.set_postfix(best=_best_text(study))
@@ -332,6 +353,7 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
     finally:
         bar.close()
         run.meter.close()
+    budget_ms = objective.budget_ms
     summary = {"trained": trained_count(study), "target": target,
                "exhausted": streak["exhausted"], "budget_ms": budget_ms}
     if streak["exhausted"]:
@@ -355,10 +377,13 @@ def _best_text(study: optuna.Study) -> str:
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The best feasible trained trial (single objective), or the feasible trained Pareto front
-    over (score up, latency down) for a multi-objective study."""
+    over (score up, latency down) for a multi-objective study. Feasible includes the study's
+    final latency budget, which can only have tightened since a trial was checked."""
+    budget_ms = study.user_attrs.get("budget_ms")
     done = [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.user_attrs.get("status") == "trained" and all(v <= 0 for v in t.constraints.values())
+        and (budget_ms is None or t.user_attrs["latency_ms"] <= budget_ms)
     ]
     if not done:
         return []

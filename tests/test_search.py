@@ -142,3 +142,22 @@ def test_journal_storage_holds_a_resumable_study(tmp_path):
     assert again.user_attrs["n_trials"] == 3
     run_search(run2, again, n_trials=5, timeout=None)
     assert len(run2.proxy.trained) == 2 and (tmp_path / "study.log").stat().st_size > 0
+
+
+def test_a_slow_teacher_measurement_only_tightens_the_budget(tmp_path):
+    """The machine was busy when the teacher was first measured (30% slow): later, faster
+    teacher measurements tighten the budget, and the best trial fits the tightest one."""
+    run = fake_run(tmp_path, "tpe", n_trials=8)
+    true_ms = run.meter.teacher_ms()
+    readings = iter([1.3 * true_ms] + [true_ms] * 100)
+    run.meter.teacher_ms = lambda: next(readings)
+    study = _study(run)
+    summary = run_search(run, study, n_trials=8, timeout=None)
+    assert summary["budget_ms"] == pytest.approx(true_ms / 2.0)
+    assert study.user_attrs["budget_ms"] == pytest.approx(true_ms / 2.0)
+    assert study.user_attrs["teacher_ms"] == pytest.approx(true_ms)
+    best = best_trials(study)
+    assert best and best[0].user_attrs["latency_ms"] <= true_ms / 2.0
+    loose = [t for t in study.trials if t.user_attrs.get("status") == "trained"
+             and t.user_attrs["latency_ms"] > true_ms / 2.0]
+    assert all(t not in best for t in loose)
