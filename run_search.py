@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""tacnas command line: search, resume, status, export.
+"""tacnas command line: profile, search, resume, status, export.
 
 Parses and dispatches only. A user's mistake (config, data, checkpoint, storage, budget) exits
 with code 2 and a one-line message; anything else is a bug and keeps its traceback.
@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, help="seconds for this process")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set search.n_trials=5")
+
+    pr = sub.add_parser("profile", help="profile this device's latency table for a config")
+    pr.add_argument("--config", required=True)
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument("--fresh", action="store_true", help="discard the existing table first")
 
     r = sub.add_parser("resume", help="continue a study (its config is stored in it)")
     storage_args(r)
@@ -94,6 +99,38 @@ def cmd_search(args) -> int:
     return _finish_search(run, study, cfg.search.n_trials, args.timeout or cfg.search.timeout)
 
 
+def cmd_profile(args) -> int:
+    from evaluators.latency_model import teacher_arch
+    from nas.config import load_config
+    from nas.pipeline import profile_device
+    from nas.report import table as text_table
+
+    cfg = load_config(args.config, args.set)
+    if cfg.budget.latency != "predict":
+        log.warning("budget.latency is %r: searches with this config will not use the table",
+                    cfg.budget.latency)
+    table, path, done, space, tc = profile_device(cfg, fresh=args.fresh,
+                                                  progress=not args.quiet)
+    fp = table.fingerprint
+    print(f"latency table {path}")
+    print(f"device: {fp['cpu']}, {fp['cores']} cores, {fp['threads']} threads, torch "
+          f"{fp['torch']}, {fp['backend']}; batch {fp['batch_size']}, seq_len {fp['seq_len']}")
+    print(f"profiled now: {done['blocks']} blocks, {done['whole_models']} whole models in "
+          f"{done['seconds']:.1f} s (table: {len(table.blocks)} blocks, "
+          f"{table.profile_seconds:.1f} s of profiling in all); unit {table.unit_ms:.3f} ms")
+    forms = ", ".join(f"{k}: {c[0]:+.3f} ms + {c[1]:.3f} x blocks"
+                      for k, c in sorted(table.correction.items()))
+    print(f"correction: {forms or 'none'}")
+    archs = sorted(space.all_archs(), key=table.predict_ms)
+    teacher = teacher_arch(tc)
+    rows = [[label, a.name, f"{table.predict_ms(a):.2f}", f"{table.block_sum(a):.2f}",
+             f"{table.fit_points[a.name]:.2f}" if a.name in table.fit_points else "-"]
+            for label, a in (("fastest", archs[0]), ("median", archs[len(archs) // 2]),
+                             ("slowest", archs[-1]), ("teacher", teacher))]
+    print(text_table(["", "architecture", "predicted ms", "blocks sum ms", "measured ms"], rows))
+    return 0
+
+
 def cmd_resume(args) -> int:
     from nas.optuna_search import load_study, stored_config
     from nas.pipeline import prepare
@@ -137,7 +174,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"search": cmd_search, "resume": cmd_resume, "status": cmd_status, "export": cmd_export}
+COMMANDS = {"profile": cmd_profile, "search": cmd_search, "resume": cmd_resume, "status": cmd_status, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

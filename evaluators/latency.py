@@ -1,12 +1,22 @@
 """Measured latency: a candidate's forward pass on this machine, at the budget's batch size,
-sequence length and thread count (warm-up, lowest of several medians, inference mode).
+sequence length and thread count, in inference mode.
 
-Measurements run in a dedicated subprocess that never trains: measured here, batch-1 inference
-in a process that has just trained a model is often 20-35% slower than in a fresh one, which
-would bias every comparison between a candidate and the teacher. Latency does not depend on the
-weights, so a candidate (and the teacher) is measured as a randomly initialised model built from
-its config; results are cached per architecture for the life of the meter. A predictive latency
-model comes later; here every candidate is built and measured.
+Two effects of this shared machine shape how (both measured here):
+
+- Measurements run in a dedicated subprocess that never trains: batch-1 inference in a process
+  that has just trained a model is often 20-35% slower than in a fresh one.
+- The machine has slow spells of seconds to minutes (the same model: 6.2 ms for 25 s, then
+  8.3-9.5 ms for 20 s), longer than any one measurement, so a lowest-of-medians taken inside
+  a spell is still slow. Every measurement therefore alternates, pass by pass, the model and a
+  fixed reference model, and reports the model's time as a ratio to the reference's times it
+  sat between, in units of the reference's quiet-machine time (``unit_ms``). Two passes over 20
+  models a few minutes apart: raw medians agreed within ±10% for 55% of the models, ratios
+  for 95% (mean gap 8.4% -> 2.6%).
+
+Latency does not depend on the weights, so a candidate (and the teacher) is measured as a
+randomly initialised model built from its config; results are cached per architecture for the
+life of the meter. The latency model (``evaluators.latency_model``) profiles blocks in the same
+kind of worker, in the same units, and predicts the rest.
 """
 
 from __future__ import annotations
@@ -17,12 +27,17 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
 from searchspace.arch import ArchConfig
 from searchspace.build import student_config
+
+# the reference: a one-layer BERT, hidden 256, 8 heads, FFN 1024, small vocabulary
+REFERENCE = dict(model_type="bert", vocab_size=512, hidden_size=256, num_hidden_layers=1,
+                 num_attention_heads=8, intermediate_size=1024, num_labels=2)
 
 
 @contextmanager
@@ -35,36 +50,140 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def measure_ms(
-    model,
-    *,
-    batch_size: int,
-    seq_len: int,
-    threads: int,
-    warmup: int = 5,
-    repeats: int = 20,
-    rounds: int = 3,
-) -> float:
-    """Forward latency in milliseconds of ``model`` on a full (unpadded) batch: the fastest of
-    ``rounds`` medians of ``repeats`` timed passes. Load from other processes only ever slows a
-    pass down, so the lowest median is the steadiest estimate on a shared machine."""
-    model.eval()
-    vocab = model.config.vocab_size
+def input_ids(vocab_size: int, batch_size: int, seq_len: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g)
-    mask = torch.ones_like(ids)
+    return torch.randint(1, vocab_size, (batch_size, seq_len), generator=g)
+
+
+class Logits(torch.nn.Module):
+    """A classifier as ``(input_ids, attention_mask) -> logits``: what is timed and exported."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, ids, mask):
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+def model_inputs(model, batch_size: int, seq_len: int):
+    ids = input_ids(model.config.vocab_size, batch_size, seq_len)
+    return Logits(model), (ids, torch.ones_like(ids))
+
+
+def make_runner(module: torch.nn.Module, inputs: tuple, *, backend: str = "torch",
+                threads: int = 1):
+    """``fn()`` running ``module(*inputs)`` once: in PyTorch eager, or exported to ONNX (the
+    dynamo exporter) and run by an ONNX Runtime session with ``threads`` intra-op threads."""
+    module.eval()
+    if backend == "torch":
+        return lambda: module(*inputs)
+    import contextlib
+    import io
+    import logging
+    import tempfile
+    import warnings
+
+    import onnxruntime as ort
+
+    path = Path(tempfile.mkdtemp(prefix="tacnas-ort-")) / "m.onnx"
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        names = [f"x{i}" for i in range(len(inputs))]
+        torch.onnx.export(module, inputs, str(path), dynamo=True, input_names=names,
+                          verbose=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return lambda: session.run(None, feeds)
+
+
+def time_call(fn, *, threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3) -> float:
+    """Milliseconds of ``fn()`` under inference mode: the lowest of ``rounds`` medians."""
     medians = []
     with torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):
-            model(input_ids=ids, attention_mask=mask)
+            fn()
         for _ in range(rounds):
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                model(input_ids=ids, attention_mask=mask)
+                fn()
                 times.append(time.perf_counter() - t)
             medians.append(statistics.median(times))
     return 1000 * min(medians)
+
+
+def time_ratio(fn, ref, *, threads: int, warmup: int = 5, repeats: int = 20,
+               rounds: int = 3) -> tuple[float, float]:
+    """``fn`` against ``ref``, alternating pass by pass: ``(ratio, ref_ms)``, the median over
+    rounds of median(fn)/median(ref), and the lowest median of ``ref`` in milliseconds."""
+    ratios, ref_medians = [], []
+    with torch_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+            ref()
+        for _ in range(rounds):
+            tf, tr = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                t1 = time.perf_counter()
+                ref()
+                tf.append(t1 - t)
+                tr.append(time.perf_counter() - t1)
+            ratios.append(statistics.median(tf) / statistics.median(tr))
+            ref_medians.append(statistics.median(tr))
+    return statistics.median(ratios), 1000 * min(ref_medians)
+
+
+def measure_ms(model, *, batch_size: int, seq_len: int, threads: int, warmup: int = 5,
+               repeats: int = 20, rounds: int = 3) -> float:
+    """Raw forward latency in ms of ``model``: the lowest of ``rounds`` medians (no reference)."""
+    module, inputs = model_inputs(model, batch_size, seq_len)
+    return time_call(make_runner(module, inputs), threads=threads, warmup=warmup,
+                     repeats=repeats, rounds=rounds)
+
+
+# ------------------------------------------------------------------------------ the subprocess
+
+_REFERENCE: dict[tuple, object] = {}
+
+
+def reference_call(batch_size: int, seq_len: int, backend: str = "torch", threads: int = 1):
+    """The worker's reference pass at this shape (built once per process, fixed weights)."""
+    key = (batch_size, seq_len, backend, threads)
+    if key not in _REFERENCE:
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**REFERENCE))
+        module, inputs = model_inputs(model, batch_size, seq_len)
+        _REFERENCE[key] = make_runner(module, inputs, backend=backend, threads=threads)
+    return _REFERENCE[key]
+
+
+def runner_in_worker(module, inputs, settings: dict):
+    return make_runner(module, inputs, backend=settings.get("backend", "torch"),
+                       threads=settings["threads"])
+
+
+def ratio_in_worker(fn, settings: dict) -> tuple[float, float]:
+    s = dict(settings)
+    ref = reference_call(s.pop("batch_size"), s.pop("seq_len"), s.pop("backend", "torch"),
+                         s["threads"])
+    return time_ratio(fn, ref, **s)
+
+
+def _calibrate(settings: dict) -> float:
+    """The reference's own time: the lowest of ``rounds`` medians (at least 5)."""
+    s = dict(settings)
+    ref = reference_call(s.pop("batch_size"), s.pop("seq_len"), s.pop("backend", "torch"),
+                         s["threads"])
+    s["rounds"] = max(5, s["rounds"])
+    return time_call(ref, **s)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -79,7 +198,8 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _measure_in_worker(config: dict | None, folder: str | None, settings: dict) -> float:
+def _measure_in_worker(config: dict | None, folder: str | None,
+                       settings: dict) -> tuple[float, float]:
     """Runs in the latency subprocess: build from a config dict (random weights) or load a folder."""
     if folder is not None:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
@@ -87,27 +207,43 @@ def _measure_in_worker(config: dict | None, folder: str | None, settings: dict) 
         torch.manual_seed(0)
         cfg = AutoConfig.for_model(**config)
         model = AutoModelForSequenceClassification.from_config(cfg)
-    return measure_ms(model, **settings)
+    module, inputs = model_inputs(model, settings["batch_size"], settings["seq_len"])
+    return ratio_in_worker(runner_in_worker(module, inputs, settings), settings)
 
 
 class LatencyMeter:
     """Measures architectures built with the teacher's vocabulary and labels, in a clean
-    subprocess started on first use."""
+    subprocess started on first use. Figures are in ms of the reference's quiet time:
+    ``unit_ms`` (from a latency table, so that predictions and measurements agree), or the
+    reference calibrated on first use."""
 
     def __init__(self, teacher_config: PretrainedConfig, *, batch_size: int, seq_len: int,
-                 threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3):
+                 threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3,
+                 unit_ms: float | None = None, backend: str = "torch"):
         self.teacher_config = teacher_config
         self.settings = dict(batch_size=batch_size, seq_len=seq_len, threads=threads,
-                             warmup=warmup, repeats=repeats, rounds=rounds)
+                             warmup=warmup, repeats=repeats, rounds=rounds, backend=backend)
+        self.unit_ms = unit_ms
         self._pool: ProcessPoolExecutor | None = None
         self._cache: dict[ArchConfig, float] = {}
 
-    def _run(self, config: dict | None = None, folder: str | None = None) -> float:
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` (a picklable top-level function) in the latency subprocess."""
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_exit_with_parent, initargs=(os.getpid(),))
-        return self._pool.submit(_measure_in_worker, config, folder, self.settings).result()
+        return self._pool.submit(fn, *args).result()
+
+    def unit(self) -> float:
+        if self.unit_ms is None:
+            self.unit_ms = self.call(_calibrate, self.settings)
+        return self.unit_ms
+
+    def _run(self, config: dict | None = None, folder: str | None = None) -> float:
+        unit = self.unit()
+        ratio, _ = self.call(_measure_in_worker, config, folder, self.settings)
+        return ratio * unit
 
     def close(self) -> None:
         if self._pool is not None:
@@ -120,6 +256,10 @@ class LatencyMeter:
     def folder_ms(self, folder) -> float:
         """A saved model (an export), loaded as a user would load it."""
         return self._run(folder=str(folder))
+
+    def config_ms(self, config: dict) -> float:
+        """A model built from a transformers config dict (random weights)."""
+        return self._run(config=config)
 
     def arch_ms(self, arch: ArchConfig) -> float:
         if arch not in self._cache:

@@ -93,6 +93,8 @@ class SpaceConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class BudgetConfig:
+    """Any of latency_ms, speedup and max_params; every one given must hold."""
+
     latency_ms: float | None = Field(None, gt=0)
     speedup: float | None = Field(None, gt=0)  # over the teacher, measured in the same run
     max_params: int | None = Field(None, ge=1)
@@ -100,15 +102,20 @@ class BudgetConfig:
     seq_len: int = Field(64, ge=1)
     threads: int = Field(2, ge=1)
     warmup: int = Field(5, ge=0)
-    repeats: int = Field(20, ge=1)  # timed passes per round; the latency is the lowest
-    rounds: int = Field(3, ge=1)  # of `rounds` medians (load only ever slows a pass)
+    repeats: int = Field(20, ge=1)  # timed passes per round, alternating with the reference
+    rounds: int = Field(3, ge=1)  # the median of the rounds' ratios to the reference
+    # predict: the latency table (profiled once per device) checks each candidate in
+    # microseconds, and candidates within guard_band of the budget are measured directly;
+    # measure: build and measure every candidate
+    latency: Literal["predict", "measure"] = "predict"
+    guard_band: float = Field(0.05, ge=0, lt=1)
+    latency_table: str | None = None  # default: <cache>/latency/<device fingerprint>.json
+    backend: Literal["torch", "onnxruntime"] = "torch"
 
     @model_validator(mode="after")
     def _some_budget(self):
         if self.latency_ms is None and self.speedup is None and self.max_params is None:
             raise ValueError("give at least one of budget.latency_ms, budget.speedup, budget.max_params")
-        if self.latency_ms is not None and self.speedup is not None:
-            raise ValueError("give budget.latency_ms or budget.speedup, not both")
         return self
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 from pathlib import Path
 
 import optuna
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from evaluators.latency_model import cpu_name
 from evaluators.metrics import compute_metrics
 from evaluators.training import predict_logits
 from nas.optuna_search import arch_of, best_trials, checkpoint_dir
@@ -46,16 +46,6 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     return t
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path) -> dict:
     arch = arch_of(trial)
     ckpt = checkpoint_dir(run.cfg.run_dir, study.study_name, trial.number)
@@ -76,6 +66,13 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
         teacher_ms = run.meter.teacher_ms()
     finally:
         run.meter.close()
+    if run.table is not None:
+        from evaluators.latency_model import teacher_arch
+
+        predicted = run.table.predict_ms(arch)
+        teacher_predicted = run.table.predict_ms(teacher_arch(run.teacher.model.config))
+    else:
+        predicted = teacher_predicted = None
     data = run.data
     s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels)
     s_test = compute_metrics(predict_logits(loaded, data.test), data.test.labels)
@@ -89,19 +86,23 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
         "student": {
             "arch": arch.name, "class": type(loaded).__name__, "latency_ms": student_ms,
             "search_latency_ms": trial.user_attrs["latency_ms"],
+            "search_latency_source": trial.user_attrs.get("latency_source", "measured"),
+            "predicted_ms": predicted,
             "params": sum(p.numel() for p in loaded.parameters()),
             "dev": s_dev, "test": s_test, "search_dev_score": trial.user_attrs.get("score"),
         },
         "teacher": {
             "arch": "L{num_hidden_layers}-H{hidden_size}-A{num_attention_heads}-"
                     "F{intermediate_size}".format(**run.teacher.model.config.to_dict()),
-            "path": run.teacher.path, "latency_ms": teacher_ms, "params": run.teacher_params,
+            "path": run.teacher.path, "latency_ms": teacher_ms, "predicted_ms": teacher_predicted,
+            "params": run.teacher_params,
             "dev": run.teacher_dev, "test": run.teacher_test(),
         },
         "measurement": {
             "batch_size": b.batch_size, "seq_len": b.seq_len, "threads": b.threads,
             "repeats": b.repeats, "rounds": b.rounds, "device": cpu_name(),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "unit_ms": run.meter.unit_ms,
+            "latency_table": str(run.table_path) if run.table is not None else None,
         },
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -20,6 +20,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from evaluators.latency_model import teacher_arch
 from evaluators.metrics import WORST
 from evaluators.proxy import Stopped
 from nas.config import RunConfig, config_from_dict
@@ -202,7 +203,18 @@ class Objective:
             return
         teacher_ms = min(self.run.meter.teacher_ms(), self.study.user_attrs["teacher_ms"])
         self.budget_ms = min(self.budget_ms, teacher_ms / speedup)
+        calibrate(self.run, teacher_ms)
         _record_teacher(self.study, teacher_ms, self.budget_ms)
+
+    def latency(self, arch: ArchConfig) -> tuple[float, str]:
+        """The table's prediction; a candidate predicted within the guard band of the budget
+        (where the table's error could flip the decision) is measured directly instead."""
+        ms, source = self.run.latency_of(arch)
+        band = self.cfg.budget.guard_band
+        if source == "predicted" and self.budget_ms is not None and \
+                abs(ms / self.budget_ms - 1.0) <= band:
+            return self.run.meter.arch_ms(arch), "measured (guard band)"
+        return ms, source
 
     def _values(self, score: float, latency_ms: float):
         return (score, latency_ms) if self.multi else score
@@ -220,7 +232,8 @@ class Objective:
 
         same = _finished_same_arch(self.study, arch.name, trial.number)
         if same is not None:  # another trial (or worker) did this one: reuse, never retrain
-            for k in ("latency_ms", "params", "score", "metrics"):
+            for k in ("latency_ms", "latency_source", "predicted_ms", "params", "score",
+                      "metrics"):
                 if k in same.user_attrs:
                     trial.set_user_attr(k, same.user_attrs[k])
             trial.set_user_attr("status", "duplicate")
@@ -230,9 +243,13 @@ class Objective:
             return tuple(same.values) if self.multi else same.value
 
         t0 = time.perf_counter()
-        latency = self.run.meter.arch_ms(arch)
+        latency, source = self.latency(arch)
         params = self.run.params_of(arch)
         trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("latency_source", source)
+        if self.run.table is not None:
+            trial.set_user_attr("predicted_ms", self.run.table.predict_ms(arch))
+            trial.set_user_attr("latency_scale", self.run.latency_scale)
         trial.set_user_attr("budget_ms", self.budget_ms)
         trial.set_user_attr("params", params)
         trial.set_user_attr("budget_check_s", time.perf_counter() - t0)
@@ -278,16 +295,21 @@ def resolve_budget(run: Run, study: optuna.Study) -> float | None:
     attrs = study.user_attrs
     b = run.cfg.budget
     first = "teacher_ms" not in attrs
-    teacher_ms = run.meter.teacher_ms() if (first or b.speedup is not None) else attrs["teacher_ms"]
-    if not first:  # load only ever slows a measurement: keep the lowest the study has seen
-        teacher_ms = min(teacher_ms, attrs["teacher_ms"])
-    budget = b.latency_ms if b.latency_ms is not None else (
-        teacher_ms / b.speedup if b.speedup is not None else None)
+    table = getattr(run, "table", None)
+    measure = first or b.speedup is not None or table is not None
+    now = run.meter.teacher_ms() if measure else attrs["teacher_ms"]
+    teacher_ms = now if first else min(now, attrs["teacher_ms"])  # load only ever slows
+    if table is not None:
+        calibrate(run, teacher_ms if b.speedup is not None else now)
+    budgets = [x for x in (b.latency_ms, teacher_ms / b.speedup if b.speedup else None)
+               if x is not None]
+    budget = min(budgets) if budgets else None
     if budget is not None:
         smallest = run.space.smallest()
-        fast = run.meter.arch_ms(smallest)
+        fast, _ = run.latency_of(smallest)
         if fast > budget:
-            which = f"budget.speedup={b.speedup}" if b.speedup else f"budget.latency_ms={b.latency_ms}"
+            which = " and ".join(
+                f"budget.{k}={getattr(b, k)}" for k in ("speedup", "latency_ms") if getattr(b, k))
             raise UserError(
                 f"{which}: the fastest candidate of the space ({smallest.name}) takes {fast:.2f} ms"
                 f" at batch {b.batch_size}, seq_len {b.seq_len}, over the budget of {budget:.2f} ms"
@@ -300,6 +322,15 @@ def resolve_budget(run: Run, study: optuna.Study) -> float | None:
                 f"budget.max_params={b.max_params}: the smallest candidate has {p} parameters; "
                 "raise it or add smaller choices (embedding_size shrinks the vocabulary matrix)"
             )
+    if table is not None:
+        predicted = table.predict_ms(teacher_arch(run.meter.teacher_config))
+        if abs(now / predicted - 1.0) > 0.15:
+            log.warning(
+                "the latency table predicts the teacher at %.2f ms, measured now at %.2f ms: "
+                "predictions are scaled by %.3f; if this persists, re-profile "
+                "(run_search.py profile --fresh)", predicted, now, now / predicted)
+        if first:
+            study.set_user_attr("teacher_predicted_ms", predicted)
     if first:
         study.set_user_attr("teacher_ms", teacher_ms)
         study.set_user_attr("budget_ms", budget)
@@ -309,6 +340,15 @@ def resolve_budget(run: Run, study: optuna.Study) -> float | None:
     else:
         _record_teacher(study, teacher_ms, budget)
     return budget
+
+
+def calibrate(run: Run, teacher_ms: float) -> None:
+    """Scale the table's predictions by the teacher measured now over the teacher predicted.
+    With a ``speedup`` budget the check becomes table-internal (candidate predicted against
+    teacher predicted / speedup), whatever state the machine was in while profiling; with
+    ``latency_ms`` it follows this machine's current speed."""
+    if run.table is not None:
+        run.latency_scale = teacher_ms / run.table.predict_ms(teacher_arch(run.meter.teacher_config))
 
 
 def _record_teacher(study: optuna.Study, teacher_ms: float, budget_ms: float | None) -> None:

@@ -10,6 +10,13 @@ import torch
 
 from evaluators.data import TaskData, load_task
 from evaluators.latency import LatencyMeter
+from evaluators.latency_model import (
+    LatencyTable,
+    default_table_path,
+    device_fingerprint,
+    ensure_profiled,
+    teacher_arch,
+)
 from evaluators.metrics import compute_metrics
 from evaluators.proxy import DistillationProxy
 from evaluators.teacher import (
@@ -38,6 +45,16 @@ class Run:
     proxy: DistillationProxy
     teacher_dev: dict
     progress: bool
+    table: LatencyTable | None = None  # budget.latency: predict
+    table_path: Path | None = None
+    latency_scale: float = 1.0  # the teacher measured now / the teacher predicted by the table
+
+    def latency_of(self, arch) -> tuple[float, str]:
+        """(ms, "predicted" | "measured"): the table's prediction, calibrated by the teacher
+        measured in this process, or a measurement."""
+        if self.table is not None:
+            return self.table.predict_ms(arch) * self.latency_scale, "predicted"
+        return self.meter.arch_ms(arch), "measured"
 
     def teacher_test(self) -> dict:
         logits = teacher_logits(self.teacher, self.data.test, name="test", cache_dir=self.cache,
@@ -88,8 +105,13 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
                 "proxy.init: random"
             )
     b = cfg.budget
+    check_backend(b.backend)
     meter = LatencyMeter(teacher.model.config, batch_size=b.batch_size, seq_len=b.seq_len,
-                         threads=b.threads, warmup=b.warmup, repeats=b.repeats, rounds=b.rounds)
+                         threads=b.threads, warmup=b.warmup, repeats=b.repeats, rounds=b.rounds,
+                         backend=b.backend)
+    table, table_path = None, None
+    if b.latency == "predict":
+        table, table_path = latency_table(cfg, meter, space, cache, progress=progress)
     p = cfg.proxy
     proxy = DistillationProxy(
         teacher=teacher.model, data=data, train_logits=train_logits, dev_logits=dev_logits,
@@ -97,4 +119,68 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
         temperature=p.temperature, alpha_ce=p.alpha_ce, eval_every=p.eval_every, init=p.init,
         seed=cfg.seed,
     )
-    return Run(cfg, cache, data, teacher, space, meter, proxy, teacher_dev, progress)
+    return Run(cfg, cache, data, teacher, space, meter, proxy, teacher_dev, progress, table,
+               table_path)
+
+
+def check_backend(backend: str) -> None:
+    if backend == "onnxruntime":
+        import importlib.util
+
+        missing = [m for m in ("onnxruntime", "onnx", "onnxscript")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f"budget.backend=onnxruntime: {', '.join(missing)} not installed; "
+                            "pip install 'tacnas[onnx]' or use budget.backend: torch")
+
+
+def open_table(cfg: RunConfig, cache: Path) -> tuple[LatencyTable, Path]:
+    """This device's latency table for the budget's settings (empty if there is none yet).
+    A table given in ``budget.latency_table`` that was profiled elsewhere is refused."""
+    b = cfg.budget
+    fp = device_fingerprint(batch_size=b.batch_size, seq_len=b.seq_len, threads=b.threads,
+                            backend=b.backend)
+    path = Path(b.latency_table) if b.latency_table else default_table_path(cache, fp)
+    table = LatencyTable.load(path, expect=fp) if path.is_file() else LatencyTable(fp)
+    return table, path
+
+
+def latency_table(cfg: RunConfig, meter: LatencyMeter, space: SearchSpace, cache: Path, *,
+                  progress: bool) -> tuple[LatencyTable, Path]:
+    """Open the table and profile whatever blocks the space (and the teacher) need."""
+    table, path = open_table(cfg, cache)
+    archs = [*space.all_archs(), teacher_arch(meter.teacher_config)]
+    done = ensure_profiled(table, meter, archs, path=path, progress=progress)
+    if done["blocks"]:
+        log.info("profiled %d blocks and %d whole models in %.0f s: %s", done["blocks"],
+                 done["whole_models"], done["seconds"], path)
+    meter.unit_ms = table.unit_ms
+    return table, path
+
+
+def profile_device(cfg: RunConfig, *, fresh: bool = False, progress: bool = True):
+    """``run_search.py profile``: the table for the config's space and teacher on this device,
+    without the data or a fine-tuned teacher (latency depends only on the architecture)."""
+    from transformers import AutoConfig
+
+    t = cfg.teacher
+    source = t.model if t.model is not None else resolve_source(t.finetune_from)
+    try:
+        tc = AutoConfig.from_pretrained(source, trust_remote_code=t.trust_remote_code)
+    except OSError as e:
+        raise UserError(f"teacher: cannot read the config of {source} ({e})") from None
+    space = cfg.space.build(tc.hidden_size // tc.num_attention_heads)
+    b = cfg.budget
+    check_backend(b.backend)
+    meter = LatencyMeter(tc, batch_size=b.batch_size, seq_len=b.seq_len, threads=b.threads,
+                         warmup=b.warmup, repeats=b.repeats, rounds=b.rounds, backend=b.backend)
+    cache = cache_root(cfg.cache_dir)
+    table, path = open_table(cfg, cache)
+    if fresh:
+        table = LatencyTable(table.fingerprint)
+    try:
+        archs = [*space.all_archs(), teacher_arch(tc)]
+        done = ensure_profiled(table, meter, archs, path=path, progress=progress)
+    finally:
+        meter.close()
+    return table, path, done, space, tc

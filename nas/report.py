@@ -66,18 +66,21 @@ def comparison_text(report: dict) -> str:
     s, t = report["student"], report["teacher"]
     metric = report["metric"]
     rows = [
-        ["teacher", t["arch"], f"{t['latency_ms']:.2f}", "1.00x", f"{t['params']:,}",
-         f"{t['dev'][metric]:.4f}", f"{t['test'][metric]:.4f}", "100.0"],
+        ["teacher", t["arch"], f"{t['latency_ms']:.2f}", _fmt(t.get("predicted_ms"), ".2f"),
+         "1.00x", f"{t['params']:,}", f"{t['dev'][metric]:.4f}", f"{t['test'][metric]:.4f}",
+         "100.0"],
         [f"student (trial #{report['trial']})", s["arch"], f"{s['latency_ms']:.2f}",
-         f"{report['speedup']:.2f}x", f"{s['params']:,}", f"{s['dev'][metric]:.4f}",
-         f"{s['test'][metric]:.4f}", f"{100 * s['test'][metric] / t['test'][metric]:.1f}"],
+         _fmt(s.get("predicted_ms"), ".2f"), f"{report['speedup']:.2f}x", f"{s['params']:,}",
+         f"{s['dev'][metric]:.4f}", f"{s['test'][metric]:.4f}",
+         f"{100 * s['test'][metric] / t['test'][metric]:.1f}"],
     ]
-    head = ["model", "architecture", "latency ms", "speedup", "params", f"dev {metric}",
-            f"test {metric}", "% of teacher (test)"]
+    head = ["model", "architecture", "measured ms", "predicted ms", "speedup", "params",
+            f"dev {metric}", f"test {metric}", "% of teacher (test)"]
     m = report["measurement"]
     return (
         f"measured here: batch {m['batch_size']}, seq_len {m['seq_len']}, {m['threads']} threads, "
-        f"best of {m['rounds']} medians of {m['repeats']} ({m['device']}); budget {report['budget_ms']:.2f} ms "
-        f"(measured during the search: {s['search_latency_ms']:.2f} ms)\n"
+        f"median of {m['rounds']} rounds of {m['repeats']} passes against the reference "
+        f"({m['device']}); budget {_fmt(report['budget_ms'], '.2f')} ms (during the search: "
+        f"{s['search_latency_ms']:.2f} ms, {s.get('search_latency_source', 'measured')})\n"
         + table(head, rows)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -165,3 +166,30 @@ def test_user_mistakes_exit_2_with_one_line(project, args, fragment):
 def test_resume_of_an_unknown_study_exits_2(project):
     p = cli("resume", "--study", "nope", cwd=project, check=False)
     assert p.returncode == 2 and "--study nope" in p.stderr
+
+
+def test_profile_saves_a_table_that_search_reuses_and_other_devices_refuse(project):
+    out = cli("profile", "--config", "tiny.yaml", cwd=project).stdout
+    path = Path(out.splitlines()[0].removeprefix("latency table "))
+    table = json.loads(path.read_text())
+    assert table["blocks"] and table["fit_points"] and table["unit_ms"] > 0
+    assert table["fingerprint"]["batch_size"] == 1 and table["fingerprint"]["threads"] == 1
+    assert "teacher" in out and "predicted ms" in out
+    again = cli("profile", "--config", "tiny.yaml", cwd=project).stdout
+    assert "profiled now: 0 blocks, 0 whole models" in again
+
+    # the search predicts from it; every trained candidate's latency is recorded with its source
+    cli("search", "--config", "tiny.yaml", "--n-trials", "2", cwd=project)
+    trials = [t for t in _study(project).trials if "budget_ms" in t.user_attrs]
+    assert trials and all(t.user_attrs["latency_source"].startswith(("predicted", "measured"))
+                          and t.user_attrs["predicted_ms"] > 0 for t in trials)
+    assert json.loads(path.read_text())["blocks"] == table["blocks"]  # nothing re-profiled
+
+    # the same table, claimed by another machine, is refused with one line
+    table["fingerprint"]["cpu"] = "Another CPU"
+    other = project / "other.json"
+    other.write_text(json.dumps(table))
+    p = cli("search", "--config", "tiny.yaml", "--study", "elsewhere", "--set",
+            f"budget.latency_table={other}", cwd=project, check=False)
+    assert p.returncode == 2 and "budget.latency_table" in p.stderr and "cpu" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -55,10 +55,12 @@ def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0):
                                                   n_startup_trials=4, max_rejections=60),
         run_dir=str(tmp_path),
     ))
+    meter = FakeMeter()
     return SimpleNamespace(
-        cfg=cfg, space=cfg.space.build(teacher_head_size=16), meter=FakeMeter(), proxy=FakeProxy(),
+        cfg=cfg, space=cfg.space.build(teacher_head_size=16), meter=meter, proxy=FakeProxy(),
         params_of=lambda a: a.num_params(vocab_size=99, num_labels=2),
         teacher_dev={"accuracy": 0.9}, teacher_params=1, progress=False,
+        table=None, latency_of=lambda a: (meter.arch_ms(a), "measured"),
     )
 
 

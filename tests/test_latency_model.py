@@ -1,0 +1,262 @@
+"""The latency table: persistence, refusal elsewhere, real profiling, the differentiable form,
+sharing invariance, and the search's guard band."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from evaluators.latency import LatencyMeter
+from evaluators.latency_model import (
+    ExpectedLatency,
+    LatencyTable,
+    arch_blocks,
+    device_fingerprint,
+    ensure_profiled,
+    fit_correction,
+    teacher_arch,
+)
+from nas.optuna_search import create_or_load, default_storage, run_search
+from searchspace.arch import ArchConfig
+from searchspace.errors import UserError
+from searchspace.space import SearchSpace
+from tests.test_search import fake_run
+
+SPACE = SearchSpace(num_layers=(1, 2, 4), hidden_size=(64, 128), intermediate_size=(128, 256),
+                    head_size=16, embedding_size=(32, "hidden"), num_hidden_groups=(1, 2, "all"))
+
+
+def synthetic_table(space: SearchSpace = SPACE, seed: int = 0) -> LatencyTable:
+    """Random (positive) block times for every block the space needs."""
+    rng = random.Random(seed)
+    table = LatencyTable(device_fingerprint(batch_size=1, seq_len=16, threads=1))
+    for arch in space.all_archs():
+        for block, _ in arch_blocks(arch):
+            table.blocks.setdefault(block.key, rng.uniform(0.05, 2.0))
+    table.correction = {"bert": [0.2, 1.1], "albert": [0.1, 0.9]}
+    return table
+
+
+def test_table_round_trip(tmp_path):
+    table = synthetic_table()
+    table.fit_points = {"L1-H64-A4-F128-E64-G1": 1.5}
+    table.unit_ms, table.profile_seconds = 0.7, 12.5
+    path = tmp_path / "t.json"
+    table.save(path)
+    back = LatencyTable.load(path, expect=table.fingerprint)
+    assert back == table
+    for arch in SPACE.all_archs():
+        assert back.predict_ms(arch) == table.predict_ms(arch)
+
+
+def test_table_from_another_device_is_refused(tmp_path):
+    table = synthetic_table()
+    path = tmp_path / "t.json"
+    table.save(path)
+    here = {**table.fingerprint, "cpu": "Some Other CPU", "threads": 8}
+    with pytest.raises(UserError) as e:
+        LatencyTable.load(path, expect=here)
+    msg = str(e.value)
+    assert "budget.latency_table" in msg and "cpu" in msg and "profile" in msg
+    assert "\n" not in msg
+    with pytest.raises(UserError, match="not a latency table"):
+        (tmp_path / "bad.json").write_text("{}")
+        LatencyTable.load(tmp_path / "bad.json", expect=here)
+
+
+def test_sharing_does_not_change_the_prediction():
+    table = synthetic_table()
+    for groups in (1, 2):
+        shared = ArchConfig(4, 128, 8, 256, 32, groups)
+        assert table.predict_ms(shared) == table.predict_ms(ArchConfig(4, 128, 8, 256, 32, 4))
+    # ... but a missing block is named, never silently guessed
+    with pytest.raises(KeyError, match="embedding:bert:E96:H96"):
+        table.predict_ms(ArchConfig(1, 96, 6, 128, 96, 1))
+
+
+def test_correction_is_chosen_by_leave_one_out():
+    xs = [1.0, 2.0, 3.5, 5.0, 8.0]
+    how, (c0, c1) = fit_correction(xs, [x + 0.3 for x in xs])  # a fixed overhead
+    assert how == "offset" and c0 == pytest.approx(0.3) and c1 == 1.0
+    how, (c0, c1) = fit_correction(xs, [0.1 + 1.25 * x for x in xs])  # overhead and a slope
+    assert how == "affine" and (c0, c1) == (pytest.approx(0.1), pytest.approx(1.25))
+    how, _ = fit_correction(xs, xs)
+    assert how == "none"
+
+
+def test_expected_latency_equals_the_table_at_one_hot_and_has_a_gradient():
+    table = synthetic_table()
+    expected = ExpectedLatency(table, SPACE)
+    choices = dict(expected.dims)
+    for arch in SPACE.all_archs():
+        pick = {"num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+                "intermediate_size": arch.intermediate_size,
+                "embedding_size": "hidden" if arch.embedding_size == arch.hidden_size
+                else arch.embedding_size,
+                "num_hidden_groups": "all" if arch.num_hidden_groups == arch.num_layers
+                else arch.num_hidden_groups}
+        if arch.embedding_size == arch.hidden_size and arch.embedding_size in choices[
+                "embedding_size"]:
+            continue  # two spellings of one architecture; the other is checked too
+        probs = {n: torch.nn.functional.one_hot(torch.tensor(list(c).index(pick[n])),
+                                                len(c)).double() for n, c in choices.items()}
+        assert expected(probs).item() == pytest.approx(table.predict_ms(arch), rel=1e-12)
+
+    logits = {n: torch.zeros(len(c), dtype=torch.float64, requires_grad=True)
+              for n, c in choices.items()}
+    start = expected({n: v.softmax(0) for n, v in logits.items()})
+    start.backward()
+    for name in ("num_layers", "hidden_size", "intermediate_size"):
+        assert logits[name].grad.abs().sum() > 0
+    opt = torch.optim.SGD(logits.values(), lr=0.5)
+    for _ in range(50):
+        opt.zero_grad()
+        loss = expected({n: v.softmax(0) for n, v in logits.items()})
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.6 * start.item()  # descending the expected latency works
+    assert logits["num_layers"].softmax(0).argmax().item() == 0  # toward fewer layers
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    """A real table: this machine, batch 4, seq_len 32, one thread, well-separated sizes."""
+    space = SearchSpace(num_layers=(1, 3), hidden_size=(64, 256), intermediate_size=(128, 1024),
+                        head_size=16, embedding_size=(32, 128, "hidden"),
+                        num_hidden_groups=(1, "all"))
+    tc = BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4,
+                    num_attention_heads=16, intermediate_size=1024, num_labels=2)
+    meter = LatencyMeter(tc, batch_size=4, seq_len=32, threads=1, warmup=2, repeats=5, rounds=2)
+    table = LatencyTable(device_fingerprint(batch_size=4, seq_len=32, threads=1))
+    path = tmp_path_factory.mktemp("lat") / "table.json"
+    try:
+        done = ensure_profiled(table, meter, [*space.all_archs(), teacher_arch(tc)], path=path,
+                               fit_per_class=4, progress=False)
+        again = ensure_profiled(table, meter, list(space.all_archs()), path=path,
+                                progress=False)
+        measured = {a: meter.arch_ms(a) for a in (ArchConfig(3, 256, 16, 1024, 256, 3),
+                                                  ArchConfig(1, 64, 4, 128, 64, 1))}
+    finally:
+        meter.close()
+    return SimpleNamespace(table=table, path=Path(path), done=done, again=again, space=space,
+                           measured=measured)
+
+
+def test_profile_is_saved_and_reused(profiled):
+    assert profiled.done["blocks"] > 0 and profiled.done["whole_models"] > 0
+    assert profiled.again["blocks"] == 0 and profiled.again["whole_models"] == 0
+    loaded = LatencyTable.load(profiled.path, expect=profiled.table.fingerprint)
+    assert loaded.blocks == profiled.table.blocks and loaded.unit_ms > 0
+    assert all(v > 0 for v in loaded.blocks.values())
+
+
+def test_predictions_grow_with_size_along_every_dimension(profiled):
+    predict = profiled.table.predict_ms
+    base = dict(num_layers=1, hidden_size=64, num_heads=4, intermediate_size=128,
+                embedding_size=64, num_hidden_groups=1)
+    grown = {
+        "num_layers": dict(num_layers=3, num_hidden_groups=3),
+        "hidden_size": dict(hidden_size=256, num_heads=16, embedding_size=256),
+        "intermediate_size": dict(intermediate_size=1024),
+    }
+    for dim, change in grown.items():
+        small, big = ArchConfig(**base), ArchConfig(**{**base, **change})
+        assert predict(big) > predict(small), dim
+    # a factorized embedding, narrower than the hidden size, grows with its width
+    wide = dict(num_layers=3, hidden_size=256, num_heads=16, intermediate_size=1024,
+                num_hidden_groups=1)
+    assert predict(ArchConfig(**wide, embedding_size=128)) >= predict(
+        ArchConfig(**wide, embedding_size=32))
+
+
+def test_prediction_is_close_to_a_measurement(profiled):
+    """Loose bounds (the machine is shared): the big model 1.5x-40x the small one in both."""
+    (big, m_big), (small, m_small) = profiled.measured.items()
+    p_big, p_small = profiled.table.predict_ms(big), profiled.table.predict_ms(small)
+    assert p_big / p_small > 1.5 and m_big / m_small > 1.5
+    assert 0.6 < p_big / m_big < 1.6
+
+
+class FakeTable:
+    """Predicts 15% under the truth: the guard band (25% here) must catch what the error would
+    let in."""
+
+    def predict_ms(self, arch):
+        return 0.85 * arch.flops(batch_size=1, seq_len=16) / 1e6
+
+
+def test_guard_band_measures_candidates_near_the_budget(tmp_path):
+    import dataclasses
+
+    run = fake_run(tmp_path, sampler="random", n_trials=12, speedup=3.0)
+    run.cfg = dataclasses.replace(
+        run.cfg, budget=dataclasses.replace(run.cfg.budget, guard_band=0.25))
+    table = FakeTable()
+    run.table = table
+    run.meter.teacher_config = BertConfig(hidden_size=128, num_hidden_layers=4,
+                                          num_attention_heads=8, intermediate_size=256)
+    run.latency_of = lambda a: (table.predict_ms(a), "predicted")
+    study = create_or_load("g", default_storage(run.cfg.run_dir, "g"), run.cfg)
+    run_search(run, study, n_trials=12, timeout=None)
+    budget = study.user_attrs["budget_ms"]
+    checked = [t for t in study.trials if "budget_ms" in t.user_attrs]
+    near = [t for t in checked
+            if abs(t.user_attrs["predicted_ms"] / t.user_attrs["budget_ms"] - 1) <= 0.25]
+    assert near, "the test needs candidates near the budget"
+    for t in checked:
+        source = t.user_attrs["latency_source"]
+        assert (source == "measured (guard band)") == (t in near)
+    # only the guard band's candidates were built and measured
+    assert {a.name for a in run.meter.measured} == {t.user_attrs["arch_name"] for t in near}
+    # nothing trained is over the true budget
+    assert all(run.meter.arch_ms(a) <= budget for a in run.proxy.trained)
+
+
+def test_onnxruntime_backend_runs_the_same_model_and_is_measured(random_teacher, tmp_path):
+    pytest.importorskip("onnxruntime", reason="budget.backend onnxruntime needs tacnas[onnx]")
+    from evaluators.latency import make_runner, model_inputs
+
+    module, inputs = model_inputs(random_teacher, 2, 16)
+    ort_logits = make_runner(module, inputs, backend="onnxruntime", threads=1)()[0]
+    with torch.inference_mode():
+        torch_logits = module(*inputs)
+    assert torch.allclose(torch.from_numpy(ort_logits), torch_logits, atol=1e-4)
+
+    meter = LatencyMeter(random_teacher.config, batch_size=1, seq_len=16, threads=1, warmup=1,
+                         repeats=3, rounds=1, backend="onnxruntime")
+    table = LatencyTable(device_fingerprint(batch_size=1, seq_len=16, threads=1,
+                                            backend="onnxruntime"))
+    space = SearchSpace(num_layers=(1, 2), hidden_size=(32, 64), intermediate_size=(128,),
+                        head_size=16)
+    try:
+        ensure_profiled(table, meter, list(space.all_archs()), fit_per_class=2, progress=False,
+                        path=tmp_path / "ort.json")
+        big, small = ArchConfig(2, 64, 4, 128, 64, 2), ArchConfig(1, 32, 2, 128, 32, 1)
+        assert table.predict_ms(big) > table.predict_ms(small) > 0
+        assert meter.arch_ms(big) > 0
+    finally:
+        meter.close()
+    assert table.fingerprint["backend"] == "onnxruntime" and "onnxruntime" in table.fingerprint
+
+
+
+def test_several_budgets_at_once_all_hold(tmp_path):
+    import dataclasses
+
+    run = fake_run(tmp_path, sampler="random", n_trials=6, speedup=1.5)
+    teacher = run.meter.teacher_ms()
+    tight = teacher / 3  # tighter than the speedup's teacher / 1.5
+    max_params = 60_000
+    run.cfg = dataclasses.replace(run.cfg, budget=dataclasses.replace(
+        run.cfg.budget, latency_ms=tight, max_params=max_params))
+    study = create_or_load("b", default_storage(run.cfg.run_dir, "b"), run.cfg)
+    run_search(run, study, n_trials=6, timeout=None)
+    assert study.user_attrs["budget_ms"] == pytest.approx(tight)
+    assert run.proxy.trained
+    for arch in run.proxy.trained:
+        assert run.meter.arch_ms(arch) <= tight and run.params_of(arch) <= max_params
