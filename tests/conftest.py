@@ -45,3 +45,24 @@ def random_teacher():
     cfg = BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=64, num_labels=3)
     return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL on 127.0.0.1 for the session. Skipped, with the reason shown,
+    only where no server can be had; with TACNAS_REQUIRE_POSTGRES=1 (CI) it fails instead."""
+    import importlib.util
+
+    from tests import postgres
+
+    reason = None
+    if postgres.bindir() is None:
+        reason = "PostgreSQL is not installed (Debian: apt-get install postgresql)"
+    elif importlib.util.find_spec("psycopg") is None:
+        reason = "psycopg is not installed (pip install 'tacnas[postgres]')"
+    if reason:
+        if os.environ.get("TACNAS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"TACNAS_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    with postgres.cluster() as url:
+        yield url

@@ -193,3 +193,28 @@ def test_profile_saves_a_table_that_search_reuses_and_other_devices_refuse(proje
             f"budget.latency_table={other}", cwd=project, check=False)
     assert p.returncode == 2 and "budget.latency_table" in p.stderr and "cpu" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_multi_objective_tpe_report_and_pareto_export(project):
+    cli("search", "--config", "tiny.yaml", "--study", "mo", "--n-trials", "4",
+        "--set", "search.multi_objective=true", cwd=project)
+    study = _study(project, "mo")
+    assert len(study.directions) == 2
+    status = cli("status", "--study", "mo", cwd=project).stdout
+    assert "Pareto front (feasible, trained)" in status
+
+    out = cli("report", "--study", "mo", "--out", "rep", cwd=project).stdout
+    png = project / "rep" / "trials.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    md = (project / "rep" / "report.md").read_text()
+    assert "## Pareto front" in md and "trials.png" in md
+    front = [int(x) for x in out.rsplit("Pareto front:", 1)[1].replace("#", "").split(",")]
+    assert front
+
+    cli("export", "--study", "mo", "--pareto", "--out", "front", cwd=project)
+    for n in front:
+        folder = project / "front" / f"trial_{n}"
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        report = json.loads((folder / "report.json").read_text())
+        assert report["trial"] == n and model.num_parameters() == report["student"]["params"]
+        assert report["student"]["predicted_ms"] > 0  # predicted beside measured

@@ -34,3 +34,17 @@ def test_shipped_configs_validate():
     for name in ("demo", "tiny"):
         cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml")
         assert cfg.to_dict()["space"]["num_layers"]
+
+
+@pytest.mark.parametrize("search", [dict(sampler="nsga2", pruner="hyperband"),
+                                    dict(sampler="tpe", multi_objective=True, pruner="median")])
+def test_a_pruner_needs_a_single_objective(search):
+    with pytest.raises(UserError, match="search.*pruner"):
+        config_from_dict({**BASE, "search": search})
+    ok = config_from_dict({**BASE, "search": {**search, "pruner": "none"}})
+    assert ok.search.pruner == "none"
+
+
+def test_latency_and_speedup_budgets_together_are_accepted():
+    cfg = config_from_dict({**BASE, "budget": dict(speedup=2, latency_ms=5, max_params=10**6)})
+    assert (cfg.budget.speedup, cfg.budget.latency_ms, cfg.budget.latency) == (2, 5, "predict")
