@@ -27,9 +27,11 @@ from nas.report import table  # noqa: E402
 from tests import postgres, tiny_assets  # noqa: E402
 
 
-def cli(project: Path, *args: str, wait: bool = True):
+def cli(project: Path, *args: str, wait: bool = True, threads: int | None = None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "TACNAS_CACHE": str(project / "cache")}
+    if threads:  # workers sharing one machine share its cores (oversubscribed OpenMP spins)
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, str(ROOT / "run_search.py"), "--quiet", *args]
     p = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -45,8 +47,9 @@ def run_workers(project: Path, url: str, k: int, n_trials: int, steps: int) -> l
     args = ["search", "--config", "tiny.yaml", "--study", study, "--storage", url,
             "--n-trials", str(n_trials), "--set", f"proxy.steps={steps}",
             "--set", "proxy.eval_every=0"]
+    threads = max(1, (os.cpu_count() or 1) // k)
     t0 = time.perf_counter()
-    first = cli(project, *args, wait=False)
+    first = cli(project, *args, wait=False, threads=threads)
     while True:  # the others join once the first has created the study
         time.sleep(0.5)
         try:
@@ -56,7 +59,7 @@ def run_workers(project: Path, url: str, k: int, n_trials: int, steps: int) -> l
             pass
         if first.poll() is not None:
             raise SystemExit(first.stderr.read()[-3000:])
-    procs = [first] + [cli(project, *args, wait=False) for _ in range(k - 1)]
+    procs = [first] + [cli(project, *args, wait=False, threads=threads) for _ in range(k - 1)]
     for p in procs:
         _, err = p.communicate()
         if p.returncode:
@@ -128,7 +131,8 @@ def main() -> None:
     finally:
         shutil.rmtree(project, ignore_errors=True)
     print(f"\nconfigs/tiny.yaml, proxy {args.steps} steps, {args.n_trials} trained trials per "
-          f"study, one PostgreSQL study per row; {os.cpu_count()} CPU cores")
+          f"study, one PostgreSQL study per row; {os.cpu_count()} CPU cores shared by the "
+          "workers (OMP_NUM_THREADS = cores / workers)")
     print(table(["workers", "trained", "trials", "workers seen", "trained twice", "wall s",
                  "first start to last end s", "trained / min", "vs 1 worker"], rows))
     print(f"\nstorage cost: a no-op objective writing a tacnas trial's fields, "

@@ -218,6 +218,32 @@ class Objective:
         calibrate(self.run, teacher_ms)
         _record_teacher(self.study, teacher_ms, self.budget_ms)
 
+    def _wait_for_same_in_flight(self, name: str, number: int) -> FrozenTrial | None:
+        """A finished trial of this architecture, if any. If an earlier trial (another worker's)
+        is running the same architecture right now, wait for it rather than train it twice;
+        a running trial whose worker died is failed here (heartbeat) and no longer waited for."""
+        heartbeat = bool(getattr(self.study._storage, "heartbeat_interval", None))
+        deadline = None
+        if not heartbeat:  # a journal: a dead worker's trial never ends, so wait boundedly
+            seconds = [t.user_attrs.get("train_seconds", 0.0)
+                       for t in self.study.get_trials(deepcopy=False)]
+            deadline = time.monotonic() + 60 + 2 * max([300.0, *seconds])
+        while True:
+            same = _finished_same_arch(self.study, name, number)
+            if same is not None:
+                return same
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            running = [t for t in self.study.get_trials(deepcopy=False,
+                                                         states=(TrialState.RUNNING,))
+                       if t.number < number and t.user_attrs.get("arch_name") == name]
+            if not running:
+                return None
+            log.info("trial %d: %s is being run by trial %d; waiting for its result",
+                     number, name, running[0].number)
+            time.sleep(2.0)
+            optuna.storages.fail_stale_trials(self.study)
+
     def latency(self, arch: ArchConfig) -> tuple[float, str]:
         """The table's prediction; a candidate predicted within the guard band of the budget
         (where the table's error could flip the decision) is measured directly instead."""
@@ -243,7 +269,7 @@ class Objective:
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("arch_name", arch.name)
 
-        same = _finished_same_arch(self.study, arch.name, trial.number)
+        same = self._wait_for_same_in_flight(arch.name, trial.number)
         if same is not None:  # another trial (or worker) did this one: reuse, never retrain
             for k in ("latency_ms", "latency_source", "predicted_ms", "params", "score",
                       "metrics"):

@@ -126,7 +126,7 @@ def write_report(study: optuna.Study, out) -> dict:
     if rejected:
         low = min(score(trained)) if trained else 0.0
         ax.scatter(lat(rejected), [low] * len(rejected), marker="|", s=200, c="tab:gray",
-                   label="over budget (measured, never trained)")
+                   label="over budget (rejected, never trained)")
     if budget is not None:
         ax.axvline(budget, ls="--", c="tab:red", label=f"budget {budget:.2f} ms")
     ax.set_xlabel("latency (ms)")
@@ -174,6 +174,7 @@ def _importances(trained) -> dict[str, float]:
         copy.add_trial(optuna.trial.create_trial(
             params=t.params, distributions=t.distributions, value=t.user_attrs["score"]))
     try:
-        return dict(optuna.importance.get_param_importances(copy, seed=0))
+        return dict(optuna.importance.get_param_importances(
+            copy, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))
     except (RuntimeError, ValueError):
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,14 @@ def tiny_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tinyproj")
     tiny_assets.build(root / "tiny")
     return root
+
+
+@pytest.fixture
+def project(tiny_dir, tmp_path):
+    """A working folder holding tiny/ and tiny.yaml, as a user would have."""
+    (tmp_path / "tiny").symlink_to(tiny_dir / "tiny")
+    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "tiny.yaml")
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -30,14 +29,6 @@ def cli(*args, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
-
-
-@pytest.fixture
-def project(tiny_dir, tmp_path):
-    """A working folder holding tiny/ and tiny.yaml, as a user would have."""
-    (tmp_path / "tiny").symlink_to(tiny_dir / "tiny")
-    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "tiny.yaml")
-    return tmp_path
 
 
 def _study(project: Path, name: str = "tiny") -> optuna.Study:
