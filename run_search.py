@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""tacnas command line: profile, search, resume, status, export, report.
+"""tacnas command line: profile, search, resume, status, export, report, distill.
 
 Parses and dispatches only. A user's mistake (config, data, checkpoint, storage, budget) exits
 with code 2 and a one-line message; anything else is a bug and keeps its traceback.
@@ -62,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--pareto", action="store_true",
                        help="every member of the feasible Pareto front, into OUT/trial_N/")
     e.add_argument("--out", required=True, help="output folder")
+
+    d = sub.add_parser("distill", help="train a chosen student fully with KD; write it as export")
+    src = d.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="source", metavar="STUDY[:TRIAL]",
+                     help="a study's best trial, or trial TRIAL")
+    src.add_argument("--arch", help="an arch.json (as export writes)")
+    d.add_argument("--config", help="the run's config (default with --from: the study's)")
+    d.add_argument("--storage", help="the study's storage URL (default: sqlite in the run folder)")
+    d.add_argument("--run-dir", default="runs")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set distill.epochs=5")
+    d.add_argument("--teacher-layers", metavar="I,J,...",
+                   help="the teacher layer each student layer starts from, e.g. 0,2,4 "
+                        "(default: spread over the teacher's depth, as in the search)")
+    d.add_argument("--out", required=True, help="output folder (a checkpoint in it resumes)")
 
     rp = sub.add_parser("report", help="trials.png (latency vs score, front, budget, "
                                        "importances) and report.md")
@@ -189,6 +204,64 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    import json
+
+    from nas.config import apply_overrides, config_from_dict, load_config
+    from nas.distill import distill
+    from nas.export import pick_trial
+    from nas.optuna_search import arch_of, load_study, stored_config
+    from nas.pipeline import prepare
+    from nas.report import comparison_text
+    from searchspace.arch import ArchConfig
+
+    search, budget_ms = None, None
+    if args.source:
+        name, _, number = args.source.partition(":")
+        if number and not number.isdigit():
+            raise UserError(f"--from {args.source}: expected STUDY or STUDY:TRIAL (a number)")
+        args.study = name
+        study = load_study(name, _existing_storage(args))
+        trial = pick_trial(study, int(number) if number else None)
+        arch = arch_of(trial)
+        cfg = load_config(args.config, args.set) if args.config else config_from_dict(
+            apply_overrides(stored_config(study.user_attrs, name).to_dict(), args.set),
+            source=f"study {name}")
+        search = {"study": name, "trial": trial.number,
+                  "search_latency_ms": trial.user_attrs["latency_ms"],
+                  "search_latency_source": trial.user_attrs.get("latency_source"),
+                  "search_dev_score": trial.user_attrs.get("score")}
+        budget_ms = study.user_attrs.get("budget_ms")
+        label = f"distilled (trial #{trial.number})"
+    else:
+        if not args.config:
+            raise UserError("--config: required with --arch (the task, teacher and budget)")
+        try:
+            arch = ArchConfig.from_json(Path(args.arch).read_text())
+        except OSError as e:
+            raise UserError(f"--arch {args.arch}: cannot read it ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"--arch {args.arch}: not JSON ({e.msg})") from None
+        cfg = load_config(args.config, args.set)
+        label = "distilled"
+    layers = None
+    if args.teacher_layers:
+        try:
+            layers = [int(x) for x in args.teacher_layers.split(",")]
+        except ValueError:
+            raise UserError(f"--teacher-layers {args.teacher_layers}: expected integers "
+                            "separated by commas, e.g. 0,2,4") from None
+    run = prepare(cfg, progress=not args.quiet)
+    report = distill(run, arch, Path(args.out), label=label, search=search, budget_ms=budget_ms,
+                     layers=layers)
+    dd = report["distill"]
+    print(comparison_text(report))
+    print(f"\n{dd['steps_run']} of {dd['planned_steps']} steps"
+          f"{' (early stop)' if dd['early_stopped'] else ''}, best dev at step {dd['best_step']},"
+          f" {dd['train_seconds']:.0f} s; written to {args.out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from nas.optuna_search import load_study
     from nas.report import write_report
@@ -200,7 +273,8 @@ def cmd_report(args) -> int:
 
 
 COMMANDS = {"profile": cmd_profile, "search": cmd_search, "resume": cmd_resume,
-            "status": cmd_status, "export": cmd_export, "report": cmd_report}
+            "status": cmd_status, "export": cmd_export, "report": cmd_report,
+            "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,6 +155,25 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class DistillConfig:
+    """``run_search.py distill``: the final training of a chosen student."""
+
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(2.0, gt=0)
+    alpha_ce: float = Field(0.5, ge=0)
+    hidden_weight: float = Field(0.0, ge=0)  # TinyBERT hidden-state transfer (0: off)
+    attention_weight: float = Field(0.0, ge=0)  # TinyBERT attention-map transfer (0: off)
+    eval_every: int = Field(200, ge=1)  # steps between dev scores (early stopping)
+    patience: int = Field(5, ge=0)  # evaluations without improvement before stopping (0: never)
+    checkpoint_every: int = Field(200, ge=1)
+    feature_cache_gb: float = Field(4.0, ge=0)  # teacher hidden states/attention kept in memory
+
+
+@dataclass(frozen=True, config=_STRICT)
 class RunConfig:
     task: TaskConfig
     teacher: TeacherConfig
@@ -162,6 +181,7 @@ class RunConfig:
     budget: BudgetConfig
     search: SearchConfig = SearchConfig()
     proxy: ProxyConfig = ProxyConfig()
+    distill: DistillConfig = DistillConfig()
     seed: int = 0  # sampling, data splits and initialisation
     run_dir: str = "runs"
     cache_dir: str | None = None  # default: $TACNAS_CACHE or ~/.cache/tacnas

@@ -54,6 +54,20 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
     else:
         log.warning("checkpoint %s not found here: training trial %d again", ckpt, trial.number)
         _, model = run.proxy.evaluate(arch, progress=run.progress)
+    search = {"study": study.study_name, "trial": trial.number,
+              "search_latency_ms": trial.user_attrs["latency_ms"],
+              "search_latency_source": trial.user_attrs.get("latency_source", "measured"),
+              "search_dev_score": trial.user_attrs.get("score")}
+    return write_folder(run, model, arch, out, label=f"student (trial #{trial.number})",
+                        title=f"{study.study_name} trial {trial.number}: {arch.name}",
+                        budget_ms=study.user_attrs.get("budget_ms"), search=search)
+
+
+def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
+                 budget_ms: float | None, search: dict | None = None,
+                 extra: dict | None = None) -> dict:
+    """The Hugging Face folder (weights, tokenizer, arch.json) and its report: latency measured
+    here (and predicted), beside the teacher's, in one run; dev and test scores of both."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(run.teacher.path).save_pretrained(out)
@@ -77,19 +91,21 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
     s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels)
     s_test = compute_metrics(predict_logits(loaded, data.test), data.test.labels)
     b = run.cfg.budget
+    search = search or {}
     report = {
-        "study": study.study_name,
-        "trial": trial.number,
+        "label": label,
+        "study": search.get("study"),
+        "trial": search.get("trial"),
         "metric": data.metric,
-        "budget_ms": study.user_attrs.get("budget_ms"),
+        "budget_ms": budget_ms,
         "speedup": teacher_ms / student_ms,
         "student": {
             "arch": arch.name, "class": type(loaded).__name__, "latency_ms": student_ms,
-            "search_latency_ms": trial.user_attrs["latency_ms"],
-            "search_latency_source": trial.user_attrs.get("latency_source", "measured"),
+            "search_latency_ms": search.get("search_latency_ms"),
+            "search_latency_source": search.get("search_latency_source"),
             "predicted_ms": predicted,
             "params": sum(p.numel() for p in loaded.parameters()),
-            "dev": s_dev, "test": s_test, "search_dev_score": trial.user_attrs.get("score"),
+            "dev": s_dev, "test": s_test, "search_dev_score": search.get("search_dev_score"),
         },
         "teacher": {
             "arch": "L{num_hidden_layers}-H{hidden_size}-A{num_attention_heads}-"
@@ -104,10 +120,9 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
             "torch": torch.__version__, "unit_ms": run.meter.unit_ms,
             "latency_table": str(run.table_path) if run.table is not None else None,
         },
+        **(extra or {}),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = comparison_text(report)
-    (out / "report.md").write_text(
-        f"# {study.study_name} trial {trial.number}: {arch.name}\n\n```\n{text}\n```\n"
-    )
+    (out / "report.md").write_text(f"# {title}\n\n```\n{text}\n```\n")
     return report

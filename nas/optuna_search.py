@@ -104,7 +104,7 @@ def make_pruner(cfg: RunConfig):
     return optuna.pruners.NopPruner()
 
 
-_IGNORED_FOR_MATCH = {("search", "n_trials"), ("search", "timeout")}
+_IGNORED_FOR_MATCH = {("search", "n_trials"), ("search", "timeout"), ("distill",)}
 
 
 def _differences(a: dict, b: dict, prefix=()) -> list[str]:

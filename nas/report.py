@@ -69,7 +69,7 @@ def comparison_text(report: dict) -> str:
         ["teacher", t["arch"], f"{t['latency_ms']:.2f}", _fmt(t.get("predicted_ms"), ".2f"),
          "1.00x", f"{t['params']:,}", f"{t['dev'][metric]:.4f}", f"{t['test'][metric]:.4f}",
          "100.0"],
-        [f"student (trial #{report['trial']})", s["arch"], f"{s['latency_ms']:.2f}",
+        [report.get("label") or f"student (trial #{report['trial']})", s["arch"], f"{s['latency_ms']:.2f}",
          _fmt(s.get("predicted_ms"), ".2f"), f"{report['speedup']:.2f}x", f"{s['params']:,}",
          f"{s['dev'][metric]:.4f}", f"{s['test'][metric]:.4f}",
          f"{100 * s['test'][metric] / t['test'][metric]:.1f}"],
@@ -80,8 +80,10 @@ def comparison_text(report: dict) -> str:
     return (
         f"measured here: batch {m['batch_size']}, seq_len {m['seq_len']}, {m['threads']} threads, "
         f"median of {m['rounds']} rounds of {m['repeats']} passes against the reference "
-        f"({m['device']}); budget {_fmt(report['budget_ms'], '.2f')} ms (during the search: "
-        f"{s['search_latency_ms']:.2f} ms, {s.get('search_latency_source', 'measured')})\n"
+        f"({m['device']}); budget {_fmt(report['budget_ms'], '.2f')} ms"
+        + (f" (during the search: {s['search_latency_ms']:.2f} ms, "
+           f"{s.get('search_latency_source') or 'measured'})"
+           if s.get("search_latency_ms") is not None else "") + "\n"
         + table(head, rows)
     )
 

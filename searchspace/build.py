@@ -56,8 +56,11 @@ def build_student(
     *,
     init: str = "teacher",
     seed: int = 0,
+    layers: list[int] | None = None,
 ) -> PreTrainedModel:
-    """A ``Bert``/``AlbertForSequenceClassification`` for ``arch``; ``init`` is teacher or random."""
+    """A ``Bert``/``AlbertForSequenceClassification`` for ``arch``; ``init`` is teacher or random.
+    ``layers``: the teacher layer each student layer starts from (default: spread over the
+    teacher's depth, ``select_layers``), e.g. ``[0, 2, 4]`` for DistilBERT's every other layer."""
     arch.validate()
     config = student_config(arch, teacher.config)
     torch.manual_seed(seed)
@@ -67,7 +70,7 @@ def build_student(
         return model
     if init != "teacher":
         raise UserError(f"proxy.init: {init!r} is not one of teacher, random")
-    state = teacher_init_state(arch, teacher)
+    state = teacher_init_state(arch, teacher, layers=layers)
     missing, unexpected = model.load_state_dict(state, strict=False)
     buffers = {n for n, _ in model.named_buffers()}
     missing = [k for k in missing if k not in buffers]
@@ -124,6 +127,19 @@ def select_layers(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
+def student_layers(arch: ArchConfig, n_teacher: int, layers: list[int] | None = None) -> list[int]:
+    """The teacher layer each student layer starts from: ``layers`` checked, or the default."""
+    if layers is None:
+        return select_layers(n_teacher, arch.num_layers)
+    layers = [int(i) for i in layers]
+    if len(layers) != arch.num_layers or not all(0 <= i < n_teacher for i in layers):
+        raise UserError(
+            f"teacher layers {layers}: need {arch.num_layers} indices (one per student layer of "
+            f"{arch.name}), each in 0..{n_teacher - 1}"
+        )
+    return layers
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, in their original order."""
     return torch.sort(torch.topk(scores, k).indices).values
@@ -172,7 +188,8 @@ def _layer_state(layer: dict, res: torch.Tensor, heads: torch.Tensor, ffn: torch
     return out
 
 
-def teacher_init_state(arch: ArchConfig, teacher: PreTrainedModel) -> dict[str, torch.Tensor]:
+def teacher_init_state(arch: ArchConfig, teacher: PreTrainedModel, *,
+                       layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """The student's state dict, made from the teacher's weights (see the module docstring)."""
     parts = _teacher_parts(teacher)
     head_size = parts["head_size"]
@@ -190,7 +207,7 @@ def teacher_init_state(arch: ArchConfig, teacher: PreTrainedModel) -> dict[str, 
             f"FFN {t_ffn}); remove the larger choices or set proxy.init: random"
         )
     res = _residual_dims(parts, arch.hidden_size)
-    chosen = select_layers(len(parts["layers"]), arch.num_layers)
+    chosen = student_layers(arch, len(parts["layers"]), layers)
     if arch.is_albert:  # group g starts from the teacher layer of its first member
         per_group = arch.num_layers // arch.num_hidden_groups
         chosen = [chosen[g * per_group] for g in range(arch.num_hidden_groups)]

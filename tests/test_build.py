@@ -58,6 +58,25 @@ def test_layer_selection_spreads_over_depth():
     assert len(set(select_layers(12, 4))) == 4
 
 
+def test_explicit_teacher_layers_pick_those_layers(random_teacher):
+    """DistilBERT's every other layer / the first k layers: student layer i is teacher layer
+    layers[i], weight for weight; a wrong list is a user error naming the fix."""
+    sd = random_teacher.state_dict()
+    for layers in ([0, 2], [0, 1], [3, 1]):
+        student = build_student(ArchConfig(2, 64, 4, 128, 64, 2), random_teacher, layers=layers)
+        ssd = student.state_dict()
+        for i, t in enumerate(layers):
+            for k in ("attention.self.query.weight", "output.dense.weight"):
+                assert torch.equal(ssd[f"bert.encoder.layer.{i}.{k}"],
+                                   sd[f"bert.encoder.layer.{t}.{k}"]), (layers, i, k)
+    default = build_student(ArchConfig(2, 64, 4, 128, 64, 2), random_teacher).state_dict()
+    assert torch.equal(default["bert.encoder.layer.1.output.dense.weight"],
+                       sd["bert.encoder.layer.3.output.dense.weight"])  # spread: [0, 3]
+    for bad in ([0], [0, 4]):
+        with pytest.raises(UserError, match="teacher layers"):
+            build_student(ArchConfig(2, 64, 4, 128, 64, 2), random_teacher, layers=bad)
+
+
 def test_teacher_init_starts_far_better_than_random(tiny_dir, tiny_teacher):
     from transformers import AutoTokenizer
 

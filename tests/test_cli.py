@@ -68,6 +68,18 @@ def test_search_resume_export_and_load(project):
 
     assert AutoTokenizer.from_pretrained(exp)("good day")["input_ids"][0] == 2  # [CLS]
 
+    # the final distillation of the chosen trial writes the same kind of folder
+    out = cli("distill", "--from", f"tiny:{best.number}", "--set", "distill.max_steps=20",
+              "--set", "distill.eval_every=10", "--out", "final", cwd=project).stdout
+    rep = json.loads((project / "final" / "report.json").read_text())
+    assert rep["trial"] == best.number and rep["distill"]["steps_run"] == 20
+    assert f"distilled (trial #{best.number})" in out and rep["student"]["arch"] in out
+    assert AutoModelForSequenceClassification.from_pretrained(project / "final").num_parameters() \
+        == rep["student"]["params"]
+    p = cli("distill", "--arch", "exported/arch.json", "--config", "tiny.yaml",
+            "--teacher-layers", "0,99", "--out", "bad", cwd=project, check=False)
+    assert p.returncode == 2 and "teacher layers" in p.stderr and "Traceback" not in p.stderr
+
 
 def test_sigkill_mid_trial_then_resume_keeps_every_finished_trial(project):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

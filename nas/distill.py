@@ -1,0 +1,281 @@
+"""Final distillation of a chosen student: train it properly, not for the proxy's few steps.
+
+Teacher-initialised (as in the search); loss = T²·KL(teacher_T ‖ student_T) + alpha_ce·CE, plus,
+optionally, TinyBERT's intermediate-layer transfer: hidden states (embedding output and each
+student layer against its mapped teacher layer, through one learned projection where the widths
+differ) and attention maps (averaged over heads, so any head counts match; both models run with
+``attn_implementation="eager"``, since sdpa returns no attention maps in transformers 5). The
+layer mapping is the one teacher initialisation used: student layer i <- teacher layer
+``select_layers(teacher_layers, student_layers)[i]``, or the ``layers`` given (e.g. DistilBERT's
+every other layer).
+
+Learning-rate warm-up and linear decay; dev score every ``eval_every`` steps with early stopping
+after ``patience`` evaluations without improvement (the best model is what is written);
+checkpoints every ``checkpoint_every`` steps (weights in safetensors, optimizer state loaded with
+``weights_only=True``), and a killed run resumes from the last one at the same step and the same
+batch order. Teacher logits come from the cache the search built; the teacher's hidden states
+and attention maps (only with intermediate losses) are computed in the first epoch and kept in
+memory for the later ones (the mapped layers only, fp16, trimmed to each example's length, up to
+``distill.feature_cache_gb``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from evaluators.metrics import compute_metrics
+from evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
+from nas.pipeline import Run
+from searchspace.arch import ArchConfig
+from searchspace.build import build_student, student_layers
+from searchspace.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the real (unpadded) tokens of ``(batch, seq, ...)`` tensors."""
+    m = mask.to(a.dtype)
+    while m.dim() < a.dim():
+        m = m.unsqueeze(-1)
+    per = (a - b) ** 2 * m
+    return per.sum() / (m.sum() * (a[0, 0].numel() if a.dim() > 2 else 1)).clamp_min(1)
+
+
+def teacher_targets(teacher_out, mapping: list[int]) -> tuple[list | None, list | None]:
+    """What the student is matched against: the teacher's embedding output and the hidden state
+    of each mapped layer; the head-averaged attention map of each mapped layer (None: not asked)."""
+    hidden = attn = None
+    if teacher_out.hidden_states is not None:
+        th = teacher_out.hidden_states
+        hidden = [th[0]] + [th[t + 1] for t in mapping]
+    if teacher_out.attentions is not None:
+        attn = [teacher_out.attentions[t].mean(1) for t in mapping]  # (batch, seq, seq)
+    return hidden, attn
+
+
+def intermediate_losses(student_out, targets: tuple[list | None, list | None], projection,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden-state loss, attention loss) against ``teacher_targets``; zero where not asked."""
+    t_hidden, t_attn = targets
+    zero = student_out.logits.new_zeros(())
+    hidden = attn = zero
+    if student_out.hidden_states is not None and t_hidden is not None:
+        sh = student_out.hidden_states
+        hidden = sum(_masked_mse(projection(s), t, mask) for s, t in zip(sh, t_hidden, strict=True))
+        hidden = hidden / len(t_hidden)
+    if student_out.attentions is not None and t_attn is not None:
+        key = mask[:, None, :].to(t_attn[0].dtype)  # attention over padded keys is zero anyway
+        losses = [_masked_mse(s.mean(1) * key, t * key, mask)
+                  for s, t in zip(student_out.attentions, t_attn, strict=True)]
+        attn = sum(losses) / len(losses)
+    return hidden, attn
+
+
+class TeacherFeatures:
+    """The teacher's intermediate targets per training example (trimmed to its real length,
+    fp16), kept in memory up to ``max_bytes``: the first epoch computes them, later epochs read
+    them instead of running the teacher again. Examples past the cap are computed every time."""
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes, self.bytes, self.full = max_bytes, 0, False
+        self.store: dict[int, tuple[list | None, list | None]] = {}
+
+    @staticmethod
+    def rounded(targets):
+        """Targets at the cache's precision. Fresh targets are rounded too, so a batch sees the
+        same targets whether it was cached or not (and a resumed run, whose cache starts empty,
+        repeats an uninterrupted one)."""
+        return tuple(None if ts is None else [t.half().float() for t in ts] for ts in targets)
+
+    def get(self, idx: torch.Tensor, seq_len: int) -> tuple[list | None, list | None] | None:
+        rows = [self.store.get(int(i)) for i in idx]
+        if any(r is None for r in rows):
+            return None
+        hidden, attn = rows[0]
+
+        def stack(k: int, j: int, square: bool):
+            first = rows[0][k][j]
+            shape = (len(rows), seq_len, seq_len) if square else (len(rows), seq_len,
+                                                                  first.shape[-1])
+            out = torch.zeros(shape)
+            for b, r in enumerate(rows):
+                x = r[k][j]
+                if square:
+                    out[b, :x.shape[0], :x.shape[1]] = x
+                else:
+                    out[b, :x.shape[0]] = x
+            return out
+
+        return ([stack(0, j, False) for j in range(len(hidden))] if hidden is not None else None,
+                [stack(1, j, True) for j in range(len(attn))] if attn is not None else None)
+
+    def put(self, idx: torch.Tensor, mask: torch.Tensor, targets) -> None:
+        if self.full:
+            return
+        hidden, attn = targets
+        for b, i in enumerate(idx.tolist()):
+            n = int(mask[b].sum())
+            h = [t[b, :n].half() for t in hidden] if hidden is not None else None
+            a = [t[b, :n, :n].half() for t in attn] if attn is not None else None
+            size = sum(x.numel() * 2 for x in (h or []) + (a or []))
+            if self.bytes + size > self.max_bytes:
+                self.full = True
+                log.info("teacher feature cache full at %.2f GB (distill.feature_cache_gb): "
+                         "the remaining examples run the teacher every epoch", self.bytes / 1e9)
+                return
+            self.store[i] = (h, a)
+            self.bytes += size
+
+
+def _distill_settings(run: Run) -> dict:
+    d = run.cfg.distill
+    n = len(run.data.train)
+    per_epoch = max(1, n // d.batch_size)
+    total = d.max_steps or max(1, math.ceil(d.epochs * per_epoch))
+    return {"total": total, "per_epoch": per_epoch}
+
+
+def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (distilled)",
+            search: dict | None = None, budget_ms: float | None = None,
+            layers: list[int] | None = None) -> dict:
+    """Train ``arch`` fully and write ``out`` as export does. Resumes from ``out/checkpoint``.
+    ``layers``: the teacher layer each student layer starts from and is matched against
+    (default: spread over the teacher's depth, as in the search)."""
+    from nas.export import write_folder
+
+    d, data, teacher = run.cfg.distill, run.data, run.teacher.model
+    if not run.space.contains(arch):
+        log.warning("%s is not in the config's space; distilling it anyway", arch.name)
+    if d.hidden_weight or d.attention_weight:
+        if teacher.config.model_type != "bert" or run.cfg.proxy.init != "teacher":
+            raise UserError("distill.hidden_weight/attention_weight: intermediate transfer needs a "
+                            "BERT teacher and proxy.init: teacher; set both weights to 0")
+    use_hidden, use_attn = d.hidden_weight > 0, d.attention_weight > 0
+    torch.manual_seed(run.cfg.seed)
+    mapping = student_layers(arch, teacher.config.num_hidden_layers, layers)
+    model = build_student(arch, teacher, init=run.cfg.proxy.init, seed=run.cfg.seed,
+                          layers=mapping)
+    if use_attn:
+        model.set_attn_implementation("eager")
+        teacher.set_attn_implementation("eager")
+    t_hidden = teacher.config.hidden_size
+    projection = (torch.nn.Linear(arch.hidden_size, t_hidden) if arch.hidden_size != t_hidden
+                  else torch.nn.Identity())
+    params = torch.nn.ModuleList([model, projection])
+    plan = _distill_settings(run)
+    total = plan["total"]
+    opt, sched = make_optimizer(params, lr=d.lr, steps=total, warmup_ratio=d.warmup_ratio)
+
+    ckpt = out / "checkpoint"
+    state = {"step": 0, "best": None, "best_step": 0, "bad": 0, "curve": [], "seconds": 0.0,
+             "arch": arch.name, "total": total, "layers": mapping}
+    old = ckpt.with_name(ckpt.name + ".old")
+    if not ckpt.exists() and (old / "state.json").is_file():  # killed while replacing it
+        old.rename(ckpt)
+    if (ckpt / "state.json").is_file():
+        saved = json.loads((ckpt / "state.json").read_text())
+        if [saved.get(k) for k in ("arch", "total", "layers")] != [arch.name, total, mapping]:
+            raise UserError(f"--out {out}: holds a checkpoint of {saved.get('arch')} "
+                            f"({saved.get('total')} steps, teacher layers {saved.get('layers')}); "
+                            "use another --out or delete it")
+        params.load_state_dict(load_file(ckpt / "weights.safetensors"))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))  # same dropout
+        state = saved
+        log.info("resuming %s from step %d of %d", arch.name, state["step"], total)
+    best_dir = out / "best"
+
+    batches = shuffled_batches(len(data.train), d.batch_size, run.cfg.seed, data.train.lengths)
+    for _ in range(state["step"]):  # the same batch order as an uninterrupted run
+        next(batches)
+    metric = data.metric
+    bar = tqdm(total=total, initial=state["step"], desc=f"distill {arch.name}", unit="step",
+               disable=not run.progress)
+    start = time.perf_counter() - state["seconds"]
+    params.train()
+    teacher.eval()
+    stopped = False
+    features = TeacherFeatures(d.feature_cache_gb * 1e9)
+    while state["step"] < total and not stopped:
+        idx = next(batches)
+        batch = data.train.batch(idx)
+        s_out = model(**batch, output_hidden_states=use_hidden, output_attentions=use_attn)
+        loss = kd_loss(s_out.logits, run.proxy.train_logits[idx], data.train.labels[idx],
+                       temperature=d.temperature, alpha_ce=d.alpha_ce)
+        if use_hidden or use_attn:
+            mask = batch["attention_mask"]
+            targets = features.get(idx, mask.shape[1])
+            if targets is None:
+                with torch.no_grad():
+                    targets = features.rounded(teacher_targets(
+                        teacher(**batch, output_hidden_states=use_hidden,
+                                output_attentions=use_attn), mapping))
+                features.put(idx, mask, targets)
+            h, a = intermediate_losses(s_out, targets, projection, mask)
+            loss = loss + d.hidden_weight * h + d.attention_weight * a
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        bar.update(1)
+        step = state["step"]
+        if step % d.eval_every == 0 or step == total:
+            score = compute_metrics(predict_logits(model, data.dev), data.dev.labels)[metric]
+            state["curve"].append([step, score])
+            if state["best"] is None or score > state["best"]:
+                state.update(best=score, best_step=step, bad=0)
+                model.save_pretrained(best_dir)
+            else:
+                state["bad"] += 1
+                stopped = d.patience > 0 and state["bad"] >= d.patience
+            model.train()
+            bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{score:.4f}",
+                            best=f"{state['best']:.4f}")
+        if step % d.checkpoint_every == 0 or step == total or stopped:
+            state["seconds"] = time.perf_counter() - start
+            _save_checkpoint(ckpt, params, opt, sched, state)
+    bar.close()
+    if stopped:
+        log.info("early stop at step %d: no dev improvement in %d evaluations (best %.4f at %d)",
+                 state["step"], d.patience, state["best"], state["best_step"])
+
+    from transformers import AutoModelForSequenceClassification
+
+    best = AutoModelForSequenceClassification.from_pretrained(best_dir).eval()
+    extra = {"distill": {**run.cfg.to_dict()["distill"], "steps_run": state["step"],
+                         "planned_steps": total, "teacher_layers": mapping, "best_step": state["best_step"],
+                         "early_stopped": stopped, "curve": state["curve"],
+                         "train_seconds": state["seconds"]}}
+    return write_folder(run, best, arch, out, label=label, budget_ms=budget_ms, search=search,
+                        title=f"distilled {arch.name}", extra=extra)
+
+
+def _save_checkpoint(ckpt: Path, params, opt, sched, state: dict) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in params.state_dict().items()}
+    save_file(weights, tmp / "weights.safetensors")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(sched.state_dict(), tmp / "scheduler.pt")
+    torch.save(torch.get_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    if ckpt.exists():
+        old = ckpt.with_name(ckpt.name + ".old")
+        ckpt.rename(old)
+        tmp.rename(ckpt)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(ckpt)

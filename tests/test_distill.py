@@ -1,0 +1,123 @@
+"""Final distillation: intermediate losses, training that helps, resume from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nas.distill as distill_mod
+from evaluators.metrics import compute_metrics
+from evaluators.training import predict_logits
+from nas.config import load_config
+from nas.distill import TeacherFeatures, distill, intermediate_losses, teacher_targets
+from nas.pipeline import prepare
+from searchspace.arch import ArchConfig
+from searchspace.build import build_student, select_layers
+
+SMALL = ArchConfig(1, 32, 2, 64, 32, 1)
+
+
+def _outputs(model, batch):
+    with torch.no_grad():
+        return model(**batch, output_hidden_states=True, output_attentions=True)
+
+
+def test_intermediate_losses_vanish_when_the_student_is_the_teacher(tiny_teacher):
+    c = tiny_teacher.config
+    full = ArchConfig(c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
+                      c.intermediate_size, c.hidden_size, c.num_hidden_layers)
+    teacher = build_student(full, tiny_teacher, init="teacher")  # a copy, to switch to eager
+    student = build_student(full, tiny_teacher, init="teacher")
+    for m in (teacher, student):
+        m.set_attn_implementation("eager")
+        m.eval()
+    ids = torch.randint(5, c.vocab_size, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    mapping = select_layers(c.num_hidden_layers, c.num_hidden_layers)
+    h, a = intermediate_losses(_outputs(student, batch),
+                               teacher_targets(_outputs(teacher, batch), mapping),
+                               torch.nn.Identity(), mask)
+    assert h.item() == pytest.approx(0.0, abs=1e-10) and a.item() == pytest.approx(0.0, abs=1e-10)
+
+    small = build_student(SMALL, tiny_teacher, init="teacher").eval()  # no dropout
+    small.set_attn_implementation("eager")
+    proj = torch.nn.Linear(SMALL.hidden_size, c.hidden_size)
+    targets = teacher_targets(_outputs(teacher, batch), select_layers(c.num_hidden_layers, 1))
+    h, a = intermediate_losses(_outputs(small, batch), targets, proj, mask)
+    assert h.item() > 0 and a.item() > 0
+
+    # the epoch cache serves the same targets (fp16, trimmed, re-padded), so the same losses
+    cache = TeacherFeatures(max_bytes=1e9)
+    idx = torch.tensor([7, 3, 11])
+    assert cache.get(idx, 12) is None
+    cache.put(idx, mask, targets)
+    h2, a2 = intermediate_losses(_outputs(small, batch), cache.get(idx, 12), proj, mask)
+    assert h2.item() == pytest.approx(h.item(), rel=1e-3)
+    assert a2.item() == pytest.approx(a.item(), rel=1e-3)
+    full = TeacherFeatures(max_bytes=1000)  # too small for one example: nothing is kept
+    full.put(idx, mask, targets)
+    assert full.full and full.get(idx, 12) is None
+
+
+@pytest.fixture
+def tiny_run(project, monkeypatch):
+    monkeypatch.chdir(project)
+
+    def make(*overrides):
+        cfg = load_config("tiny.yaml", ["budget.latency=measure", "distill.eval_every=10",
+                                        "distill.checkpoint_every=10", "distill.lr=5e-4",
+                                        "distill.hidden_weight=1.0", "distill.attention_weight=1.0",
+                                        *overrides])
+        return prepare(cfg, progress=False)
+    return make
+
+
+def test_distillation_raises_the_dev_score_and_writes_a_loadable_folder(tiny_run, project):
+    run = tiny_run("distill.max_steps=60", "distill.patience=0")
+    start = build_student(SMALL, run.teacher.model, init="teacher")
+    before = compute_metrics(predict_logits(start, run.data.dev), run.data.dev.labels)["accuracy"]
+    report = distill(run, SMALL, project / "out")
+    after = report["student"]["dev"]["accuracy"]
+    assert after > before + 0.05, (before, after)
+    assert report["distill"]["steps_run"] == 60 and report["student"]["latency_ms"] > 0
+    saved = json.loads((project / "out" / "report.json").read_text())
+    assert saved["student"]["arch"] == SMALL.name
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(project / "out")
+    assert model.num_parameters() == report["student"]["params"]
+
+
+def test_a_killed_distillation_resumes_at_the_checkpoint_step(tiny_run, project, monkeypatch):
+    whole = distill(tiny_run("distill.max_steps=40", "distill.patience=0"), SMALL,
+                    project / "whole")
+
+    real, calls = distill_mod.kd_loss, {"n": 0}
+
+    def dies_at_step_25(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill_mod, "kd_loss", dies_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny_run("distill.max_steps=40", "distill.patience=0"), SMALL, project / "cut")
+    state = json.loads((project / "cut" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 20  # the last checkpoint before the kill
+
+    monkeypatch.setattr(distill_mod, "kd_loss", real)
+    resumed = distill(tiny_run("distill.max_steps=40", "distill.patience=0"), SMALL,
+                      project / "cut")
+    assert resumed["distill"]["steps_run"] == 40
+    assert resumed["distill"]["curve"] == whole["distill"]["curve"]  # same scores, same steps
+    a = load_file(project / "whole" / "checkpoint" / "weights.safetensors")
+    b = load_file(project / "cut" / "checkpoint" / "weights.safetensors")
+    # attention key biases get a zero gradient in exact arithmetic (softmax is shift-invariant):
+    # Adam turns float noise into their updates, and they cannot change any output
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if "key.bias" not in k)
