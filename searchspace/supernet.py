@@ -1,0 +1,245 @@
+"""A weight-sharing supernet over the search space (as in HAT and AutoFormer).
+
+One set of weights at the space's largest choice in every dimension, initialised from the
+teacher, with every dimension *ordered by importance*: residual dims by how much the teacher's
+LayerNorms scale them, each layer's heads (whole heads) and FFN neurons by the norms of what
+they read and write, a factorized embedding by singular value. An architecture of the space is
+then the *leading slice* of every dimension: the same top-k selection that teacher
+initialisation (``searchspace/build.py``) makes, so a fresh supernet's slice of an architecture
+is that architecture's teacher-initialised student (up to the layer mapping).
+
+An architecture runs as a slice, with gradients into the shared weights: ``forward(arch, ...)``
+calls the very ``transformers`` class that ``extract(arch)`` returns (built once per architecture
+on the meta device, then run with ``torch.func.functional_call`` on views of the supernet's
+weights), so the slice and the extracted model compute the same function by construction.
+
+Layers: the supernet has ``max(space.num_layers)`` layers, taken from the teacher's spread over
+its depth; a student of L layers uses supernet layers ``select_layers(L_max, L)``; an ALBERT
+group uses the layer of its first member. Factorized embeddings (ALBERT's E < H) share one
+E_max-wide table and projection; E = H uses the BERT embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import (
+    AlbertForSequenceClassification,
+    BertForSequenceClassification,
+    PreTrainedModel,
+)
+
+from searchspace.arch import ArchConfig
+from searchspace.build import (
+    _albert_names,
+    _bert_names,
+    _teacher_parts,
+    select_layers,
+    student_config,
+)
+from searchspace.errors import UserError
+from searchspace.space import SearchSpace
+
+_LAYER_KEYS = ("q", "k", "v", "o", "ln1", "fi", "fo", "ln2")
+
+
+def _descending(scores: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(scores, descending=True, stable=True)
+
+
+class Supernet(nn.Module):
+    """Shared weights for every architecture of ``space``; see the module docstring."""
+
+    def __init__(self, space: SearchSpace, teacher: PreTrainedModel):
+        super().__init__()
+        parts = _teacher_parts(teacher)  # a BERT teacher, or a random BERT at the max dims
+        self.space, self.teacher_config = space, teacher.config
+        self.head_size = parts["head_size"]
+        archs = list(space.all_archs())
+        if not archs:
+            raise UserError("space: no valid architecture (check num_heads against hidden_size)")
+        if any(a.head_size != self.head_size for a in archs):
+            raise UserError(f"space: the supernet needs every head {self.head_size} wide (the "
+                            f"teacher's); set space.head_size: {self.head_size}")
+        t_hidden = parts["word"].shape[1]
+        t_ffn = parts["layers"][0]["fi"][0].shape[0]
+        self.max_layers = max(a.num_layers for a in archs)
+        self.max_hidden = max(a.hidden_size for a in archs)
+        self.max_ffn = max(a.intermediate_size for a in archs)
+        factorized = [a.embedding_size for a in archs if a.embedding_size != a.hidden_size]
+        self.max_emb = max(factorized, default=0)
+        if self.max_hidden > t_hidden or self.max_ffn > t_ffn:
+            raise UserError(
+                f"space: hidden_size up to {self.max_hidden} / intermediate_size up to "
+                f"{self.max_ffn} exceed the teacher's ({t_hidden}, {t_ffn}); remove them")
+
+        # residual dims: the teacher's top-H_max by LayerNorm scale, most important first
+        score = parts["emb_ln"][0].pow(2).clone()
+        for layer in parts["layers"]:
+            score += layer["ln1"][0].pow(2) + layer["ln2"][0].pow(2)
+        res = _descending(score)[:self.max_hidden]
+
+        def param(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().clone().contiguous())
+
+        self.word = param(parts["word"][:, res])
+        self.pos = param(parts["pos"][:, res])
+        self.typ = param(parts["type"][:, res])
+        self.emb_ln_w, self.emb_ln_b = (param(t[res]) for t in parts["emb_ln"])
+        if self.max_emb:
+            stacked = torch.cat([self.word, self.pos, self.typ]).detach().double()
+            centred = stacked - stacked.mean(dim=1, keepdim=True)
+            _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+            basis = vh[:self.max_emb].T  # (H_max, E_max), by singular value
+            low = (centred @ basis).float()
+            n_w, n_p = self.word.shape[0], self.pos.shape[0]
+            self.f_word, self.f_pos = param(low[:n_w]), param(low[n_w:n_w + n_p])
+            self.f_type = param(low[n_w + n_p:])
+            self.f_ln_w = nn.Parameter(torch.ones(self.max_emb))
+            self.f_ln_b = nn.Parameter(torch.zeros(self.max_emb))
+            # scaled by sqrt(H_max / E) at slice time: see build._embedding_state
+            self.f_proj_w = param((self.emb_ln_w.detach()[:, None].double() * basis).float())
+            self.f_proj_b = param(self.emb_ln_b.detach())
+
+        self.teacher_layers = select_layers(len(parts["layers"]), self.max_layers)
+        self.layers = nn.ModuleList()
+        hs = self.head_size
+        for t in self.teacher_layers:
+            layer = parts["layers"][t]
+            wv, wo = layer["v"][0], layer["o"][0]
+            n_heads = wv.shape[0] // hs
+            h_score = torch.stack([wv[h * hs:(h + 1) * hs].norm() * wo[:, h * hs:(h + 1) * hs].norm()
+                                   for h in range(n_heads)])
+            heads = torch.cat([torch.arange(h * hs, (h + 1) * hs)
+                               for h in _descending(h_score)[:self.max_hidden // hs].tolist()])
+            ffn = _descending(layer["fi"][0].norm(dim=1) * layer["fo"][0].norm(dim=0))
+            ffn = ffn[:self.max_ffn]
+            rows_cols = {"q": (heads, res), "k": (heads, res), "v": (heads, res),
+                         "o": (res, heads), "fi": (ffn, res), "fo": (res, ffn)}
+            m = nn.Module()
+            for key in _LAYER_KEYS:
+                w, b = layer[key]
+                if key in rows_cols:
+                    rows, cols = rows_cols[key]
+                    w, b = w[rows][:, cols], b[rows]
+                else:  # LayerNorm
+                    w, b = w[res], b[res]
+                m.register_parameter(key + "_w", param(w))
+                m.register_parameter(key + "_b", param(b))
+            self.layers.append(m)
+        pw, pb = parts["pooler"]
+        self.pooler_w, self.pooler_b = param(pw[res][:, res]), param(pb[res])
+        cw, cb = parts["cls"]
+        self.cls_w, self.cls_b = param(cw[:, res]), param(cb)
+        self._skeletons: dict[ArchConfig, PreTrainedModel] = {}
+
+    # ------------------------------------------------------------------------------ slicing
+
+    def layer_map(self, arch: ArchConfig) -> list[int]:
+        """The supernet layer each student layer (ALBERT: each group) uses."""
+        chosen = select_layers(self.max_layers, arch.num_layers)
+        if arch.is_albert:
+            per_group = arch.num_layers // arch.num_hidden_groups
+            chosen = [chosen[g * per_group] for g in range(arch.num_hidden_groups)]
+        return chosen
+
+    def check(self, arch: ArchConfig) -> None:
+        arch.validate()
+        if arch.head_size != self.head_size:
+            raise UserError(f"{arch.name}: head size {arch.head_size}, the supernet's is "
+                            f"{self.head_size}")
+        if arch.num_layers > self.max_layers or arch.hidden_size > self.max_hidden or \
+                arch.intermediate_size > self.max_ffn:
+            raise UserError(f"{arch.name}: larger than the supernet (L{self.max_layers}, "
+                            f"H{self.max_hidden}, F{self.max_ffn})")
+        if arch.embedding_size != arch.hidden_size and arch.embedding_size > self.max_emb:
+            raise UserError(f"{arch.name}: embedding size {arch.embedding_size} is not in the "
+                            f"supernet (factorized up to {self.max_emb or 'none'})")
+
+    def state(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
+        """The student's state dict as slices (views) of the shared weights: what ``forward``
+        runs and ``extract`` copies."""
+        self.check(arch)
+        h, f, e = arch.hidden_size, arch.intermediate_size, arch.embedding_size
+        nh = arch.num_heads * self.head_size
+        prefix = "albert" if arch.is_albert else "bert"
+        emb = f"{prefix}.embeddings."
+        out: dict[str, torch.Tensor] = {}
+        if e == h:
+            out.update({emb + "word_embeddings.weight": self.word[:, :h],
+                        emb + "position_embeddings.weight": self.pos[:, :h],
+                        emb + "token_type_embeddings.weight": self.typ[:, :h],
+                        emb + "LayerNorm.weight": self.emb_ln_w[:h],
+                        emb + "LayerNorm.bias": self.emb_ln_b[:h]})
+            if arch.is_albert:  # sharing only: an identity projection, as in build
+                out["albert.encoder.embedding_hidden_mapping_in.weight"] = torch.eye(h)
+                out["albert.encoder.embedding_hidden_mapping_in.bias"] = torch.zeros(h)
+        else:
+            out.update({emb + "word_embeddings.weight": self.f_word[:, :e],
+                        emb + "position_embeddings.weight": self.f_pos[:, :e],
+                        emb + "token_type_embeddings.weight": self.f_type[:, :e],
+                        emb + "LayerNorm.weight": self.f_ln_w[:e],
+                        emb + "LayerNorm.bias": self.f_ln_b[:e],
+                        "albert.encoder.embedding_hidden_mapping_in.weight":
+                            self.f_proj_w[:h, :e] * math.sqrt(self.max_hidden / e),
+                        "albert.encoder.embedding_hidden_mapping_in.bias": self.f_proj_b[:h]})
+        slices = {"q": (nh, h), "k": (nh, h), "v": (nh, h), "o": (h, nh), "fi": (f, h),
+                  "fo": (h, f)}
+        for i, s in enumerate(self.layer_map(arch)):
+            layer = self.layers[s]
+            names = _albert_names(i) if arch.is_albert else _bert_names(i)
+            for key in _LAYER_KEYS:
+                w, b = getattr(layer, key + "_w"), getattr(layer, key + "_b")
+                rows, cols = slices.get(key, (h, None))
+                out[names[key] + ".weight"] = w[:rows, :cols] if cols else w[:rows]
+                out[names[key] + ".bias"] = b[:rows]
+        pooler = "albert.pooler" if arch.is_albert else "bert.pooler.dense"
+        out[pooler + ".weight"] = self.pooler_w[:h, :h]
+        out[pooler + ".bias"] = self.pooler_b[:h]
+        out["classifier.weight"] = self.cls_w[:, :h]
+        out["classifier.bias"] = self.cls_b
+        return out
+
+    def _skeleton(self, arch: ArchConfig) -> PreTrainedModel:
+        """The architecture's ``transformers`` model without weights (meta device), with its
+        real buffers, built once per architecture."""
+        if arch not in self._skeletons:
+            config = student_config(arch, self.teacher_config)
+            cls = AlbertForSequenceClassification if arch.is_albert else \
+                BertForSequenceClassification
+            with torch.device("meta"):
+                model = cls(config)
+            for name, buf in list(model.named_buffers()):
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                if attr == "position_ids":
+                    real = torch.arange(buf.shape[-1]).expand(buf.shape)
+                elif attr == "token_type_ids":
+                    real = torch.zeros(buf.shape, dtype=torch.long)
+                else:
+                    raise RuntimeError(f"supernet: unknown buffer {name} in {cls.__name__}")
+                module.register_buffer(attr, real.contiguous(), persistent=False)
+            self._skeletons[arch] = model
+        return self._skeletons[arch]
+
+    def forward(self, arch: ArchConfig, **inputs):
+        """Run ``arch`` as a slice of the shared weights (gradients reach them)."""
+        model = self._skeleton(arch)
+        model.train(self.training)
+        return torch.func.functional_call(model, self.state(arch), args=(), kwargs=inputs,
+                                          strict=False)
+
+    def extract(self, arch: ArchConfig) -> PreTrainedModel:
+        """A standalone ``Bert``/``AlbertForSequenceClassification`` with the sliced weights
+        (the same classes as a trial's student; ``export`` writes it)."""
+        config = student_config(arch, self.teacher_config)
+        cls = AlbertForSequenceClassification if arch.is_albert else BertForSequenceClassification
+        model = cls(config)
+        state = {k: v.detach().clone().contiguous() for k, v in self.state(arch).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        buffers = {n for n, _ in model.named_buffers()}
+        if [k for k in missing if k not in buffers] or unexpected:
+            raise RuntimeError(f"supernet slicing: missing {missing}, unexpected {unexpected}")
+        return model.eval()
