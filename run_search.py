@@ -168,6 +168,17 @@ def _finish_search(run, study, n_trials, timeout) -> int:
     from nas.optuna_search import run_search
     from nas.report import status_text
 
+    if run.cfg.search.strategy == "differentiable":
+        from nas.differentiable import differentiable_search
+
+        summary = differentiable_search(run, study)
+        print(status_text(study))
+        if "derived" in summary:
+            print(f"\nderived {summary['arch']} ({summary['derived']}): "
+                  f"{summary['latency_ms']:.2f} ms against a budget of "
+                  f"{summary['budget_ms']:.2f} ms; supernet dev score {summary['score']:.4f}; "
+                  f"{summary['seconds']:.0f} s of search")
+        return 0
     summary = run_search(run, study, n_trials=n_trials, timeout=timeout)
     print(status_text(study))
     print(f"\n{summary['trained']} trained of {summary['target']} requested")

@@ -121,7 +121,9 @@ class BudgetConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class SearchConfig:
-    strategy: Literal["optuna"] = "optuna"
+    # optuna: TPE / random / NSGA-II over trained candidates; differentiable: Gumbel-softmax
+    # over a weight-sharing supernet with a latency loss (the `differentiable` section)
+    strategy: Literal["optuna", "differentiable"] = "optuna"
     sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     n_trials: int | None = Field(20, ge=1)  # trained candidates; rejected ones do not count
     timeout: float | None = Field(None, gt=0)  # seconds of this process's search
@@ -132,6 +134,14 @@ class SearchConfig:
     grace_period: int = Field(30, ge=2)  # this long is marked FAIL and re-run
     # (score, latency) as two objectives: a Pareto front (nsga2 always; tpe if set)
     multi_objective: bool = False
+
+    @model_validator(mode="after")
+    def _differentiable_is_one_objective(self):
+        if self.strategy == "differentiable" and (self.multi_objective or self.sampler == "nsga2"
+                                                  or self.pruner != "none"):
+            raise ValueError("search.strategy: differentiable derives one architecture; set "
+                             "search.sampler: tpe, multi_objective: false and pruner: none")
+        return self
 
     @model_validator(mode="after")
     def _pruner_needs_one_objective(self):
@@ -174,6 +184,25 @@ class DistillConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class DifferentiableConfig:
+    """``search.strategy: differentiable``: AdaBERT-style search over a weight-sharing supernet.
+    Each step trains the slice of a sampled architecture on a train batch; after the warm-up,
+    an architecture step on a dev batch updates one categorical distribution per dimension with
+    L_KD + latency_weight * max(0, E[latency] / budget - 1)."""
+
+    steps: int = Field(600, ge=1)  # supernet weight steps in all
+    warmup_steps: int = Field(200, ge=0)  # weights only, architectures drawn uniformly
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)  # supernet weights (AdamW)
+    arch_lr: float = Field(0.01, gt=0)  # architecture logits (Adam)
+    tau_start: float = Field(5.0, gt=0)  # Gumbel-softmax temperature, annealed exponentially
+    tau_end: float = Field(0.5, gt=0)
+    latency_weight: float = Field(1.0, ge=0)  # beta of the latency loss
+    log_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+
+
+@dataclass(frozen=True, config=_STRICT)
 class RunConfig:
     task: TaskConfig
     teacher: TeacherConfig
@@ -182,6 +211,7 @@ class RunConfig:
     search: SearchConfig = SearchConfig()
     proxy: ProxyConfig = ProxyConfig()
     distill: DistillConfig = DistillConfig()
+    differentiable: DifferentiableConfig = DifferentiableConfig()
     seed: int = 0  # sampling, data splits and initialisation
     run_dir: str = "runs"
     cache_dir: str | None = None  # default: $TACNAS_CACHE or ~/.cache/tacnas

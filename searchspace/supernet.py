@@ -17,6 +17,13 @@ Layers: the supernet has ``max(space.num_layers)`` layers, taken from the teache
 its depth; a student of L layers uses supernet layers ``select_layers(L_max, L)``; an ALBERT
 group uses the layer of its first member. Factorized embeddings (ALBERT's E < H) share one
 E_max-wide table and projection; E = H uses the BERT embedding.
+
+For the differentiable search, ``gated_forward(gates, ...)`` runs the whole supernet with every
+dimension's choice applied as a mask built from that dimension's gate vector (a straight-through
+Gumbel-softmax sample, one entry per choice): hidden dims, heads and FFN neurons are masked,
+LayerNorms normalise over the active dims, a layer is applied or skipped by its gate, sharing
+groups select the weights, the embedding is the gated sum of its forms. At one-hot gates it
+computes exactly the architecture's slice (tested); the gradient reaches every choice's gate.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AlbertForSequenceClassification,
@@ -40,7 +48,7 @@ from searchspace.build import (
     student_config,
 )
 from searchspace.errors import UserError
-from searchspace.space import SearchSpace
+from searchspace.space import ALL, HIDDEN, SearchSpace
 
 _LAYER_KEYS = ("q", "k", "v", "o", "ln1", "fi", "fo", "ln2")
 
@@ -243,3 +251,119 @@ class Supernet(nn.Module):
         if [k for k in missing if k not in buffers] or unexpected:
             raise RuntimeError(f"supernet slicing: missing {missing}, unexpected {unexpected}")
         return model.eval()
+
+    # ------------------------------------------------------------------- gated (differentiable)
+
+    def dims(self) -> list[tuple[str, tuple]]:
+        """The dimensions a gate vector is given for, with their choices (space order)."""
+        sp = self.space
+        return [("num_layers", sp.num_layers), ("hidden_size", sp.hidden_size),
+                ("intermediate_size", sp.intermediate_size), ("embedding_size", sp.embedding_size),
+                ("num_hidden_groups", sp.num_hidden_groups)]
+
+    def arch_of(self, index: dict[str, int]) -> ArchConfig:
+        """The architecture of one choice index per dimension (may raise InvalidArch)."""
+        c = {n: choices[index[n]] for n, choices in self.dims()}
+        return self.space._resolve(c["num_layers"], c["hidden_size"],
+                                   c["hidden_size"] // self.head_size, c["intermediate_size"],
+                                   c["embedding_size"], c["num_hidden_groups"])
+
+    def _masked_ln(self, x, w, b, mask):
+        """LayerNorm over the active dims (``mask``, 0/1 forward, differentiable)."""
+        n = mask.sum()
+        mean = (x * mask).sum(-1, keepdim=True) / n
+        var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / n
+        eps = self.teacher_config.layer_norm_eps
+        return ((x - mean) / torch.sqrt(var + eps) * w + b) * mask
+
+    def gated_forward(self, gates: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the supernet under ``gates`` (one vector per ``dims()`` entry, summing to
+        one; the chosen architecture is each vector's argmax)."""
+        from transformers.activations import ACT2FN
+
+        act = ACT2FN[self.teacher_config.hidden_act]
+        sp, hs = self.space, self.head_size
+        choice = {n: int(gates[n].argmax()) for n, _ in self.dims()}
+        arch = self.arch_of(choice)
+        self.check(arch)
+        dev = self.word.device
+        ar_h = torch.arange(self.max_hidden, device=dev)
+        ar_f = torch.arange(self.max_ffn, device=dev)
+        ar_a = torch.arange(self.max_hidden // hs, device=dev)
+        g_h, g_f = gates["hidden_size"], gates["intermediate_size"]
+        m_h = sum(g * (ar_h < h).float() for g, h in zip(g_h, sp.hidden_size))
+        m_a = sum(g * (ar_a < h // hs).float() for g, h in zip(g_h, sp.hidden_size))
+        m_f = sum(g * (ar_f < f).float() for g, f in zip(g_f, sp.intermediate_size))
+        drop = self.teacher_config.hidden_dropout_prob if self.training else 0.0
+        a_drop = self.teacher_config.attention_probs_dropout_prob if self.training else 0.0
+
+        bsz, seq = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        pos_ids = torch.arange(seq, device=dev)
+
+        # embeddings: the gated sum of the BERT form and each factorized width
+        emb = 0.0
+        for g, e in zip(gates["embedding_size"], sp.embedding_size):
+            if e == HIDDEN:
+                x = self.word[input_ids] + self.typ[token_type_ids] + self.pos[pos_ids]
+                x = self._masked_ln(x, self.emb_ln_w, self.emb_ln_b, m_h)
+            else:
+                m_e = (torch.arange(self.max_emb, device=dev) < e).float()
+                z = self.f_word[input_ids] + self.f_type[token_type_ids] + self.f_pos[pos_ids]
+                z = self._masked_ln(z, self.f_ln_w, self.f_ln_b, m_e)
+                z = F.dropout(z, drop, self.training)
+                x = (F.linear(z, self.f_proj_w * math.sqrt(self.max_hidden / e), self.f_proj_b)
+                     * m_h)
+            emb = emb + g * x
+        x = F.dropout(emb, drop, self.training) if arch.embedding_size == arch.hidden_size \
+            else emb  # ALBERT drops out in E space (above); BERT after its LayerNorm
+
+        key_bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(x.dtype).min
+        layers = arch.num_layers
+        active = select_layers(self.max_layers, layers)
+        for i in range(self.max_layers):
+            gate = sum(g * float(i in select_layers(self.max_layers, n))
+                       for g, n in zip(gates["num_layers"], sp.num_layers))
+            j = active.index(i) if i in active else None
+            weights = {}
+            for key in _LAYER_KEYS:  # the sharing groups choose whose weights layer i runs
+                w = b = 0.0
+                for g, groups in zip(gates["num_hidden_groups"], sp.num_hidden_groups):
+                    n_groups = layers if groups == ALL else groups
+                    if j is None or layers % n_groups:
+                        src = i
+                    else:
+                        per = layers // n_groups
+                        src = active[(j // per) * per]
+                    w = w + g * getattr(self.layers[src], key + "_w")
+                    b = b + g * getattr(self.layers[src], key + "_b")
+                weights[key] = (w, b)
+            y = self._gated_layer(x, weights, key_bias, m_h, m_a, m_f, act, drop, a_drop)
+            x = x + gate * (y - x)
+        pooled = torch.tanh(F.linear(x[:, 0], self.pooler_w, self.pooler_b)) * m_h
+        pooled = F.dropout(pooled, drop, self.training)
+        return F.linear(pooled, self.cls_w, self.cls_b)
+
+    def _gated_layer(self, x, w, key_bias, m_h, m_a, m_f, act, drop, a_drop):
+        bsz, seq, _ = x.shape
+        hs = self.head_size
+        n_heads = self.max_hidden // hs
+
+        def heads(t):
+            return t.view(bsz, seq, n_heads, hs).transpose(1, 2)
+
+        q, k, v = (heads(F.linear(x, *w[n])) for n in ("q", "k", "v"))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hs) + key_bias
+        probs = F.dropout(scores.softmax(-1), a_drop, self.training)
+        ctx = (probs @ v) * m_a[None, :, None, None]
+        ctx = ctx.transpose(1, 2).reshape(bsz, seq, n_heads * hs)
+        attn = F.dropout(F.linear(ctx, *w["o"]) * m_h, drop, self.training)
+        attn = self._masked_ln(attn + x, *w["ln1"], m_h)
+        inter = act(F.linear(attn, *w["fi"])) * m_f
+        out = F.dropout(F.linear(inter, *w["fo"]) * m_h, drop, self.training)
+        return self._masked_ln(out + attn, *w["ln2"], m_h)

@@ -104,3 +104,28 @@ def test_architectures_outside_the_supernet_are_refused(random_teacher):
     with pytest.raises(UserError, match="exceed the teacher"):
         Supernet(SearchSpace(num_layers=(1,), hidden_size=(128,), intermediate_size=(64,),
                              head_size=16), random_teacher)
+
+
+def _one_hot(net: Supernet, arch: ArchConfig) -> dict[str, torch.Tensor]:
+    want = {"num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
+            "intermediate_size": arch.intermediate_size,
+            "embedding_size": "hidden" if arch.embedding_size == arch.hidden_size
+            else arch.embedding_size,
+            "num_hidden_groups": "all" if arch.num_hidden_groups == arch.num_layers
+            else arch.num_hidden_groups}
+    return {n: torch.tensor([float(c == want[n]) for c in choices], requires_grad=True)
+            for n, choices in net.dims()}
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.name)
+def test_gated_forward_at_one_hot_gates_is_the_slice(random_teacher, arch):
+    net = Supernet(SPACE, random_teacher).eval()
+    x = _inputs()
+    with torch.no_grad():
+        want = net(arch, **x).logits
+    gates = _one_hot(net, arch)
+    got = net.gated_forward(gates, **x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got.square().sum().backward()  # every choice's gate of a gated dimension hears the loss
+    for name in ("num_layers", "hidden_size", "intermediate_size", "embedding_size"):
+        assert (gates[name].grad != 0).sum() >= 2, (name, gates[name].grad)

@@ -1,0 +1,152 @@
+"""The differentiable search: the latency hinge, derivation under the budget, resume, and the
+trial it writes for status/export."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+
+import nas.differentiable as diff_mod
+from evaluators.latency_model import ExpectedLatency
+from nas.config import load_config
+from nas.differentiable import ArchParams, derive, differentiable_search
+from nas.optuna_search import Objective, create_or_load, default_storage
+from nas.pipeline import prepare
+from searchspace.space import SearchSpace
+from searchspace.supernet import Supernet
+from tests.test_cli import cli
+
+SPACE = SearchSpace(num_layers=(1, 2, 4), hidden_size=(32, 48, 64), intermediate_size=(64, 128),
+                    head_size=16, embedding_size=(16, "hidden"), num_hidden_groups=(1, "all"))
+
+
+class FlopsTable:
+    """A stand-in latency table: milliseconds proportional to FLOPs."""
+
+    def predict_ms(self, arch):
+        return arch.flops(batch_size=1, seq_len=32) / 1e6
+
+
+def test_the_latency_hinge_pulls_down_over_budget_and_not_below(random_teacher):
+    net = Supernet(SPACE, random_teacher)
+    expected = ExpectedLatency(FlopsTable(), SPACE)
+    alpha = ArchParams(net.dims())
+    start = float(expected(alpha.probs()))
+    opt = torch.optim.Adam(alpha.parameters(), lr=0.05)
+    budget = 0.5 * start
+    for _ in range(100):
+        loss = torch.relu(expected(alpha.probs()) / budget - 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = float(expected(alpha.probs()))
+    assert end < 0.6 * start and end <= 1.05 * budget, (start, end, budget)
+    # under the budget the hinge is flat: no pull toward the smallest choices (no collapse)
+    fresh = ArchParams(net.dims())
+    loss = torch.relu(expected(fresh.probs()) / (2 * start) - 1.0)
+    loss.backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in fresh.parameters())
+
+
+@pytest.fixture
+def diff_run(project, monkeypatch):
+    monkeypatch.chdir(project)
+
+    def make(*overrides):
+        cfg = load_config("tiny.yaml", [
+            "search.strategy=differentiable", "differentiable.steps=30",
+            "differentiable.warmup_steps=10", "differentiable.log_every=5",
+            "differentiable.checkpoint_every=10", "differentiable.batch_size=16",
+            "budget.speedup=1.0", *overrides])
+        return cfg, prepare(cfg, progress=False)
+    return make
+
+
+def test_derivation_respects_the_budget(diff_run):
+    cfg, run = diff_run()
+    net = Supernet(run.space, run.teacher.model)
+    alpha = ArchParams(net.dims())
+    with torch.no_grad():  # all the mass on the largest choices
+        for name, choices in net.dims():
+            big = max(range(len(choices)), key=lambda i: (choices[i] in ("hidden", "all"),
+                                                          choices[i] if isinstance(choices[i], int)
+                                                          else 0))
+            alpha.logits[name][big] = 5.0
+    largest = net.arch_of({n: int(p.argmax()) for n, p in alpha.logits.items()})
+    study = optuna.create_study(direction="maximize")
+    free = Objective(run, study, budget_ms=None)
+    assert derive(run, net, alpha, None, free)[0] == largest
+    budget = 0.7 * run.latency_of(largest)[0]
+    arch, how = derive(run, net, alpha, budget, Objective(run, study, budget_ms=budget))
+    assert arch != largest and run.latency_of(arch)[0] <= budget and "within the budget" in how
+    # no other architecture within the budget is more likely
+    lp = {n: p.log_softmax(-1) for n, p in alpha.logits.items()}
+    index = {n: {c: i for i, c in enumerate(ch)} for n, ch in net.dims()}
+
+    def logp(a):
+        params = diff_mod._params_of(net, a)
+        return sum(float(lp[n][index[n][params[n]]]) for n in lp)
+    fitting = [a for a in run.space.all_archs() if run.latency_of(a)[0] <= budget]
+    assert logp(arch) == pytest.approx(max(logp(a) for a in fitting))
+
+
+def test_a_killed_search_resumes_at_its_checkpoint_step(diff_run, project, monkeypatch):
+    cfg, run = diff_run()
+    whole = create_or_load("whole", default_storage(cfg.run_dir, "whole"), cfg)
+    full = differentiable_search(run, whole)
+
+    cfg, run = diff_run()
+    cut = create_or_load("cut", default_storage(cfg.run_dir, "cut"), cfg)
+    real, calls = diff_mod.kd_loss, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 35:  # 10 warm-up steps (1 call each), then 2 calls a step: step 22
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(diff_mod, "kd_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        differentiable_search(run, cut)
+    folder = project / "runs" / "cut" / "checkpoints" / "differentiable"
+    assert json.loads((folder / "state.json").read_text())["step"] == 20
+    monkeypatch.setattr(diff_mod, "kd_loss", real)
+    cfg, run = diff_run()
+    resumed = differentiable_search(run, create_or_load("cut", default_storage(cfg.run_dir, "cut"),
+                                                        cfg))
+    assert resumed["arch"] == full["arch"]
+    a = json.loads((project / "runs" / "whole" / "checkpoints" /
+                    "differentiable_history.json").read_text())
+    b = json.loads((project / "runs" / "cut" / "checkpoints" /
+                    "differentiable_history.json").read_text())
+    assert [h["step"] for h in b] == [5, 10, 15, 20, 25, 30]
+    for x, y in zip(a, b):  # the same run: same losses and distributions at every log point
+        assert x["kd_train"] == pytest.approx(y["kd_train"], rel=1e-4)
+        assert x["probs"] == y["probs"]
+
+
+def test_cli_search_status_export_of_a_differentiable_study(project):
+    common = ["--set", "search.strategy=differentiable", "--set", "differentiable.steps=24",
+              "--set", "differentiable.warmup_steps=8", "--set", "differentiable.batch_size=16"]
+    out = cli("search", "--config", "tiny.yaml", "--study", "gumbel", *common, cwd=project).stdout
+    assert "derived L" in out and "budget" in out
+    study = optuna.load_study(study_name="gumbel",
+                              storage=f"sqlite:///{project}/runs/gumbel/study.db")
+    (trial,) = study.trials
+    assert trial.user_attrs["strategy"] == "differentiable" and trial.constraints["budget"] <= 0
+    assert trial.user_attrs["latency_ms"] <= trial.user_attrs["budget_ms"]
+    assert set(trial.user_attrs["final_entropy"]) == {"num_layers", "hidden_size",
+                                                      "intermediate_size", "embedding_size",
+                                                      "num_hidden_groups"}
+    assert "best: #0" in cli("status", "--study", "gumbel", cwd=project).stdout
+    again = cli("resume", "--study", "gumbel", cwd=project).stdout  # nothing left to do
+    assert len(optuna.load_study(study_name="gumbel", storage=f"sqlite:///{project}/runs/"
+                                 "gumbel/study.db").trials) == 1 and "best: #0" in again
+    cli("export", "--study", "gumbel", "--out", "exp", cwd=project)
+    report = json.loads((project / "exp" / "report.json").read_text())
+    assert report["student"]["arch"] == trial.user_attrs["arch_name"]
+    # the export is the extracted supernet slice the trial recorded
+    assert report["student"]["dev"]["accuracy"] == pytest.approx(trial.user_attrs["score"])
