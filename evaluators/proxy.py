@@ -62,6 +62,10 @@ class DistillationProxy:
         self.temperature, self.alpha_ce = temperature, alpha_ce
         self.eval_every, self.init, self.seed = eval_every, init, seed
 
+    def initial_model(self, arch: ArchConfig, *, progress: bool = False) -> PreTrainedModel:
+        """The candidate before its KD steps: teacher-initialised (or random)."""
+        return build_student(arch, self.teacher, init=self.init, seed=self.seed)
+
     def score(self, model: PreTrainedModel) -> dict:
         logits = predict_logits(model, self.data.dev)
         return compute_metrics(logits, self.data.dev.labels, self.dev_logits)
@@ -74,7 +78,7 @@ class DistillationProxy:
         progress: bool = True,
     ) -> tuple[EvalResult, PreTrainedModel]:
         """Train ``arch`` for ``steps`` KD steps; ``report(step, score)`` returning True stops it."""
-        model = build_student(arch, self.teacher, init=self.init, seed=self.seed)
+        model = self.initial_model(arch, progress=progress)
         metric = self.data.metric
         opt, sched = make_optimizer(model, lr=self.lr, steps=self.steps,
                                     warmup_ratio=self.warmup_ratio)
@@ -108,3 +112,86 @@ class DistillationProxy:
             report(self.steps, metrics[metric])
         model.eval()
         return EvalResult(metrics[metric], metrics, curve, seconds), model
+
+
+class SupernetProxy(DistillationProxy):
+    """``proxy.kind: supernet``: a candidate inherits its weights from a weight-sharing supernet
+    (``searchspace/supernet.py``) trained once for the space, then takes ``steps`` KD steps (a
+    few dozen, against the distillation proxy's hundreds) before its dev score.
+
+    The supernet is trained on first use: ``supernet_steps`` KD steps, each on the slice of an
+    architecture drawn uniformly from the space (HAT/AutoFormer's single-path training), with
+    checkpoints every 100 steps (a killed training resumes), and kept in the cache keyed by the
+    teacher, the data, the space and the recipe, so every study and worker on the task reuses it.
+    """
+
+    def __init__(self, *, space, path, supernet_steps: int, supernet_lr: float, **kw):
+        super().__init__(**kw)
+        self.space, self.path = space, path
+        self.supernet_steps, self.supernet_lr = supernet_steps, supernet_lr
+        self._net = None
+
+    def supernet(self, *, progress: bool = True):
+        if self._net is None:
+            self._net = train_supernet(self, progress=progress)
+        return self._net
+
+    def initial_model(self, arch: ArchConfig, *, progress: bool = False) -> PreTrainedModel:
+        return self.supernet(progress=progress).extract(arch)
+
+
+def train_supernet(proxy: SupernetProxy, *, progress: bool):
+    import json
+    import random
+
+    from safetensors.torch import load_file, save_file
+
+    from searchspace.supernet import Supernet
+
+    torch.manual_seed(proxy.seed)
+    net = Supernet(proxy.space, proxy.teacher)
+    final = proxy.path / "supernet.safetensors"
+    if final.is_file():
+        net.load_state_dict(load_file(final))
+        return net.eval()
+    archs = list(proxy.space.all_archs())
+    opt = torch.optim.AdamW(net.parameters(), lr=proxy.supernet_lr, weight_decay=0.01)
+    ckpt = proxy.path / "training"
+    step = 0
+    if (ckpt / "state.json").is_file():
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        net.load_state_dict(load_file(ckpt / "supernet.safetensors"))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    rng = random.Random(proxy.seed)
+    picks = [rng.randrange(len(archs)) for _ in range(proxy.supernet_steps)]
+    batches = shuffled_batches(len(proxy.data.train), proxy.batch_size, proxy.seed,
+                               proxy.data.train.lengths)
+    for _ in range(step):
+        next(batches)
+    net.train()
+    bar = tqdm(total=proxy.supernet_steps, initial=step, desc="train supernet", unit="step",
+               disable=not progress)
+    while step < proxy.supernet_steps:
+        idx = next(batches)
+        out = net(archs[picks[step]], **proxy.data.train.batch(idx)).logits
+        loss = kd_loss(out, proxy.train_logits[idx], proxy.data.train.labels[idx],
+                       temperature=proxy.temperature, alpha_ce=proxy.alpha_ce)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 100 == 0 or step == proxy.supernet_steps:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+                      ckpt / "supernet.safetensors")
+            torch.save(opt.state_dict(), ckpt / "optimizer.pt")
+            torch.save(torch.get_rng_state(), ckpt / "rng.pt")
+            (ckpt / "state.json").write_text(json.dumps({"step": step}))
+    bar.close()
+    tmp = final.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)
+    tmp.rename(final)
+    return net.eval()

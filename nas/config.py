@@ -153,7 +153,9 @@ class SearchConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class ProxyConfig:
-    kind: Literal["distill"] = "distill"
+    # distill: each candidate is teacher-initialised and distilled for `steps` steps;
+    # supernet: it inherits a trained supernet's weights, then takes `steps` KD steps
+    kind: Literal["distill", "supernet"] = "distill"
     init: Literal["teacher", "random"] = "teacher"
     steps: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -162,6 +164,8 @@ class ProxyConfig:
     temperature: float = Field(2.0, gt=0)
     alpha_ce: float = Field(0.5, ge=0)
     eval_every: int = Field(0, ge=0)  # steps between intermediate dev scores (0: only at the end)
+    supernet_steps: int = Field(1000, ge=1)  # kind supernet: its one-off training
+    supernet_lr: float = Field(5e-4, gt=0)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -403,6 +403,8 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
                timeout: float | None) -> dict:
     """Run trials until the study holds ``n_trials`` trained candidates (or ``timeout``)."""
     budget_ms = resolve_budget(run, study)
+    if hasattr(run.proxy, "supernet"):  # proxy.kind: supernet: trained once, before the trials
+        run.proxy.supernet(progress=run.progress)
     if n_trials is not None:
         study.set_user_attr("n_trials", n_trials)
     target = study.user_attrs.get("n_trials")

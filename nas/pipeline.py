@@ -18,7 +18,7 @@ from evaluators.latency_model import (
     teacher_arch,
 )
 from evaluators.metrics import compute_metrics
-from evaluators.proxy import DistillationProxy
+from evaluators.proxy import DistillationProxy, SupernetProxy
 from evaluators.teacher import (
     Teacher,
     cache_root,
@@ -113,12 +113,27 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
     if b.latency == "predict":
         table, table_path = latency_table(cfg, meter, space, cache, progress=progress)
     p = cfg.proxy
-    proxy = DistillationProxy(
+    common = dict(
         teacher=teacher.model, data=data, train_logits=train_logits, dev_logits=dev_logits,
         steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_ratio=p.warmup_ratio,
         temperature=p.temperature, alpha_ce=p.alpha_ce, eval_every=p.eval_every, init=p.init,
         seed=cfg.seed,
     )
+    if p.kind == "supernet":
+        if p.init != "teacher":
+            raise UserError("proxy.kind: supernet is initialised from the teacher; set "
+                            "proxy.init: teacher")
+        import hashlib
+        import json
+
+        key = json.dumps([teacher.fingerprint, data.train.fingerprint(), cfg.to_dict()["space"],
+                          p.supernet_steps, p.supernet_lr, p.batch_size, p.temperature,
+                          p.alpha_ce, cfg.seed], sort_keys=True)
+        path = cache / "supernet" / hashlib.sha256(key.encode()).hexdigest()[:16]
+        proxy = SupernetProxy(space=space, path=path, supernet_steps=p.supernet_steps,
+                              supernet_lr=p.supernet_lr, **common)
+    else:
+        proxy = DistillationProxy(**common)
     return Run(cfg, cache, data, teacher, space, meter, proxy, teacher_dev, progress, table,
                table_path)
 

@@ -150,3 +150,34 @@ def test_cli_search_status_export_of_a_differentiable_study(project):
     assert report["student"]["arch"] == trial.user_attrs["arch_name"]
     # the export is the extracted supernet slice the trial recorded
     assert report["student"]["dev"]["accuracy"] == pytest.approx(trial.user_attrs["score"])
+
+
+def test_supernet_proxy_trains_once_and_candidates_inherit_its_slices(diff_run, monkeypatch):
+    import evaluators.proxy as proxy_mod
+    from searchspace.arch import ArchConfig
+
+    overrides = ("search.strategy=optuna", "proxy.kind=supernet", "proxy.supernet_steps=30",
+                 "proxy.steps=5")
+    cfg, run = diff_run(*overrides)
+    net = run.proxy.supernet(progress=False)
+    assert (run.proxy.path / "supernet.safetensors").is_file()
+    arch = ArchConfig(2, 48, 3, 64, 16, 1)
+    start = run.proxy.initial_model(arch)
+    x = torch.randint(5, run.teacher.model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(start(input_ids=x).logits, net.extract(arch)(input_ids=x).logits)
+    result, model = run.proxy.evaluate(arch, progress=False)
+    assert 0 <= result.score <= 1 and result.curve[-1][0] == 5
+
+    # another process (a resumed study, another worker) loads it instead of training again
+    calls = {"n": 0}
+    real = proxy_mod.kd_loss
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(proxy_mod, "kd_loss", counting)
+    _, again = diff_run(*overrides)
+    again.proxy.evaluate(arch, progress=False)
+    assert calls["n"] == 5  # the candidate's 5 steps; no supernet training
