@@ -171,7 +171,7 @@ def _finish_search(run, study, n_trials, timeout) -> int:
     if run.cfg.search.strategy == "differentiable":
         from nas.differentiable import differentiable_search
 
-        summary = differentiable_search(run, study)
+        summary = differentiable_search(run, study, timeout=timeout)
         print(status_text(study))
         if "derived" in summary:
             print(f"\nderived {summary['arch']} ({summary['derived']}): "

@@ -142,8 +142,10 @@ def _params_of(net: Supernet, arch: ArchConfig) -> dict:
     return out
 
 
-def differentiable_search(run: Run, study: optuna.Study) -> dict:
-    """Run (or resume) the search, derive the architecture, record it in ``study``."""
+def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | None = None) -> dict:
+    """Run (or resume) the search, derive the architecture, record it in ``study``.
+    ``timeout`` (seconds of this process) ends the steps early; the architecture is then
+    derived from the distributions as they stand."""
     cfg, d, p = run.cfg, run.cfg.differentiable, run.cfg.proxy
     done = [t for t in study.get_trials(deepcopy=False)
             if t.user_attrs.get("strategy") == "differentiable"
@@ -196,8 +198,17 @@ def differentiable_search(run: Run, study: optuna.Study) -> dict:
     bar = tqdm(total=d.steps, initial=state["step"], desc=f"differentiable {study.study_name}",
                unit="step", disable=not run.progress)
     start = time.perf_counter() - state["seconds"]
+    began = time.perf_counter()
     net.train()
+    timed_out = False
     while state["step"] < d.steps:
+        if timeout is not None and time.perf_counter() - began > timeout:
+            timed_out = True
+            log.warning("timeout: the differentiable search stops at step %d of %d",
+                        state["step"], d.steps)
+            state["seconds"] = time.perf_counter() - start
+            _save(folder, net, alpha, opt_w, opt_a, state)
+            break
         step = state["step"]
         tau = d.tau_start * (d.tau_end / d.tau_start) ** (step / max(1, d.steps - 1))
         warm = step < d.warmup_steps
@@ -264,7 +275,7 @@ def differentiable_search(run: Run, study: optuna.Study) -> dict:
              "budget_ms": objective.budget_ms, "params": run.params_of(arch), "score": score,
              "metrics": metrics, "train_seconds": train_seconds, "derived": how,
              "final_probs": alpha.readable(), "final_entropy": alpha.entropy(),
-             "steps": d.steps, "status": "trained"}
+             "steps": state["step"], "timed_out": timed_out, "status": "trained"}
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     violation = max(objective._violations(latency, attrs["params"]))
