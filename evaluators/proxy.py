@@ -141,11 +141,11 @@ class SupernetProxy(DistillationProxy):
 
 
 def train_supernet(proxy: SupernetProxy, *, progress: bool):
-    import json
     import random
 
     from safetensors.torch import load_file, save_file
 
+    from evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
     from searchspace.supernet import Supernet
 
     torch.manual_seed(proxy.seed)
@@ -157,12 +157,11 @@ def train_supernet(proxy: SupernetProxy, *, progress: bool):
     archs = list(proxy.space.all_archs())
     opt = torch.optim.AdamW(net.parameters(), lr=proxy.supernet_lr, weight_decay=0.01)
     ckpt = proxy.path / "training"
-    step = 0
-    if (ckpt / "state.json").is_file():
-        step = json.loads((ckpt / "state.json").read_text())["step"]
-        net.load_state_dict(load_file(ckpt / "supernet.safetensors"))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    parts = {"modules": {"supernet": net}, "objects": {"optimizer": opt}}
+    saved = read_state(ckpt)
+    step = saved["step"] if saved else 0
+    if saved:
+        load_checkpoint(ckpt, **parts)
     rng = random.Random(proxy.seed)
     picks = [rng.randrange(len(archs)) for _ in range(proxy.supernet_steps)]
     batches = shuffled_batches(len(proxy.data.train), proxy.batch_size, proxy.seed,
@@ -184,12 +183,7 @@ def train_supernet(proxy: SupernetProxy, *, progress: bool):
         step += 1
         bar.update(1)
         if step % 100 == 0 or step == proxy.supernet_steps:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-                      ckpt / "supernet.safetensors")
-            torch.save(opt.state_dict(), ckpt / "optimizer.pt")
-            torch.save(torch.get_rng_state(), ckpt / "rng.pt")
-            (ckpt / "state.json").write_text(json.dumps({"step": step}))
+            save_checkpoint(ckpt, **parts, state={"step": step})
     bar.close()
     tmp = final.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)

@@ -32,16 +32,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
-from pathlib import Path
 
 import optuna
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
 from evaluators.latency_model import ExpectedLatency
 from evaluators.metrics import compute_metrics
 from evaluators.training import kd_loss, predict_logits, shuffled_batches
@@ -175,16 +173,12 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
 
     folder = run_folder(cfg.run_dir, study.study_name) / "checkpoints" / "differentiable"
     state = {"step": 0, "arch_steps": 0, "history": [], "seconds": 0.0}
-    old = folder.with_name(folder.name + ".old")
-    if not folder.exists() and (old / "state.json").is_file():  # killed while replacing it
-        old.rename(folder)
-    if (folder / "state.json").is_file():
-        state = json.loads((folder / "state.json").read_text())
-        net.load_state_dict(load_file(folder / "supernet.safetensors"))
-        alpha.load_state_dict(load_file(folder / "arch.safetensors"))
-        opt_w.load_state_dict(torch.load(folder / "opt_w.pt", weights_only=True))
-        opt_a.load_state_dict(torch.load(folder / "opt_a.pt", weights_only=True))
-        torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+    parts = {"modules": {"supernet": net, "arch": alpha},
+             "objects": {"opt_w": opt_w, "opt_a": opt_a}}
+    saved = read_state(folder)
+    if saved is not None:
+        state = saved
+        load_checkpoint(folder, **parts)
         log.info("resuming the differentiable search at step %d of %d", state["step"], d.steps)
 
     data = run.data
@@ -207,7 +201,7 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
             log.warning("timeout: the differentiable search stops at step %d of %d",
                         state["step"], d.steps)
             state["seconds"] = time.perf_counter() - start
-            _save(folder, net, alpha, opt_w, opt_a, state)
+            save_checkpoint(folder, **parts, state=state)
             break
         step = state["step"]
         tau = d.tau_start * (d.tau_end / d.tau_start) ** (step / max(1, d.steps - 1))
@@ -253,7 +247,7 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
                             H=f"{sum(ent.values()):.2f}")
         if state["step"] % d.checkpoint_every == 0 or state["step"] == d.steps:
             state["seconds"] = time.perf_counter() - start
-            _save(folder, net, alpha, opt_w, opt_a, state)
+            save_checkpoint(folder, **parts, state=state)
     bar.close()
     train_seconds = state["seconds"]
 
@@ -293,22 +287,3 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
             "trial": trial.number, "arch": arch.name, "derived": how, "score": score,
             "latency_ms": latency, "seconds": train_seconds}
 
-
-def _save(folder: Path, net, alpha, opt_w, opt_a, state: dict) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              tmp / "supernet.safetensors")
-    save_file({k: v.contiguous() for k, v in alpha.state_dict().items()},
-              tmp / "arch.safetensors")
-    torch.save(opt_w.state_dict(), tmp / "opt_w.pt")
-    torch.save(opt_a.state_dict(), tmp / "opt_a.pt")
-    torch.save(torch.get_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)

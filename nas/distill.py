@@ -21,17 +21,15 @@ memory for the later ones (the mapped layers only, fp16, trimmed to each example
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
 from evaluators.metrics import compute_metrics
 from evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
 from nas.pipeline import Run
@@ -179,19 +177,14 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     ckpt = out / "checkpoint"
     state = {"step": 0, "best": None, "best_step": 0, "bad": 0, "curve": [], "seconds": 0.0,
              "arch": arch.name, "total": total, "layers": mapping}
-    old = ckpt.with_name(ckpt.name + ".old")
-    if not ckpt.exists() and (old / "state.json").is_file():  # killed while replacing it
-        old.rename(ckpt)
-    if (ckpt / "state.json").is_file():
-        saved = json.loads((ckpt / "state.json").read_text())
+    saved = read_state(ckpt)
+    if saved is not None:
         if [saved.get(k) for k in ("arch", "total", "layers")] != [arch.name, total, mapping]:
             raise UserError(f"--out {out}: holds a checkpoint of {saved.get('arch')} "
                             f"({saved.get('total')} steps, teacher layers {saved.get('layers')}); "
                             "use another --out or delete it")
-        params.load_state_dict(load_file(ckpt / "weights.safetensors"))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))  # same dropout
+        load_checkpoint(ckpt, modules={"weights": params},
+                        objects={"optimizer": opt, "scheduler": sched})
         state = saved
         log.info("resuming %s from step %d of %d", arch.name, state["step"], total)
     best_dir = out / "best"
@@ -246,7 +239,8 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
                             best=f"{state['best']:.4f}")
         if step % d.checkpoint_every == 0 or step == total or stopped:
             state["seconds"] = time.perf_counter() - start
-            _save_checkpoint(ckpt, params, opt, sched, state)
+            save_checkpoint(ckpt, modules={"weights": params},
+                            objects={"optimizer": opt, "scheduler": sched}, state=state)
     bar.close()
     if stopped:
         log.info("early stop at step %d: no dev improvement in %d evaluations (best %.4f at %d)",
@@ -262,20 +256,3 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     return write_folder(run, best, arch, out, label=label, budget_ms=budget_ms, search=search,
                         title=f"distilled {arch.name}", extra=extra)
 
-
-def _save_checkpoint(ckpt: Path, params, opt, sched, state: dict) -> None:
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.contiguous() for k, v in params.state_dict().items()}
-    save_file(weights, tmp / "weights.safetensors")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save(sched.state_dict(), tmp / "scheduler.pt")
-    torch.save(torch.get_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    if ckpt.exists():
-        old = ckpt.with_name(ckpt.name + ".old")
-        ckpt.rename(old)
-        tmp.rename(ckpt)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(ckpt)
