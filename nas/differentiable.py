@@ -121,8 +121,9 @@ def derive(run: Run, net: Supernet, alpha: ArchParams, budget_ms: float | None,
         if lp > best_lp and fits(arch):
             best, best_lp = arch, lp
     if best is None:
-        raise UserError(f"budget: no architecture of the space fits the budget of "
-                        f"{budget_ms:.2f} ms; relax the budget or add smaller choices to space")
+        within = f"{budget_ms:.2f} ms" if budget_ms is not None else "budget.max_params"
+        raise UserError(f"budget: no architecture of the space fits the budget ({within}); "
+                        "relax the budget or add smaller choices to space")
     return best, ("the most likely within the budget (the most likely overall, "
                   f"{top.name if top else 'invalid'}, is not)")
 
