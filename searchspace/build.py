@@ -145,30 +145,44 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
 
-def _residual_dims(parts: dict, hidden: int) -> torch.Tensor:
-    """One set of hidden dims for the whole student: those the teacher's LayerNorms scale most
-    (this keeps BERT's few large-magnitude "outlier" dimensions)."""
+def residual_scores(parts: dict) -> torch.Tensor:
+    """How much the teacher's LayerNorms scale each hidden dim (this ranking keeps BERT's few
+    large-magnitude "outlier" dimensions)."""
     score = parts["emb_ln"][0].pow(2).clone()
     for layer in parts["layers"]:
         score += layer["ln1"][0].pow(2) + layer["ln2"][0].pow(2)
-    return _top(score, hidden)
+    return score
 
 
-def _head_dims(layer: dict, n_heads: int, head_size: int) -> torch.Tensor:
-    """Whole heads, ranked by how much each can write into the residual stream."""
+def head_scores(layer: dict, head_size: int) -> torch.Tensor:
+    """Per whole head: how much it can write into the residual stream."""
     wv, wo = layer["v"][0], layer["o"][0]
-    total = wv.shape[0] // head_size
-    score = torch.stack([
+    return torch.stack([
         wv[h * head_size:(h + 1) * head_size].norm() * wo[:, h * head_size:(h + 1) * head_size].norm()
-        for h in range(total)
+        for h in range(wv.shape[0] // head_size)
     ])
-    heads = _top(score, n_heads)
+
+
+def ffn_scores(layer: dict) -> torch.Tensor:
+    return layer["fi"][0].norm(dim=1) * layer["fo"][0].norm(dim=0)
+
+
+def head_dims(heads: torch.Tensor, head_size: int) -> torch.Tensor:
+    """The dims of the given whole heads, in that order."""
     return torch.cat([torch.arange(h * head_size, (h + 1) * head_size) for h in heads.tolist()])
 
 
+def _residual_dims(parts: dict, hidden: int) -> torch.Tensor:
+    """One set of hidden dims for the whole student: the teacher's top-scoring ones."""
+    return _top(residual_scores(parts), hidden)
+
+
+def _head_dims(layer: dict, n_heads: int, head_size: int) -> torch.Tensor:
+    return head_dims(_top(head_scores(layer, head_size), n_heads), head_size)
+
+
 def _ffn_dims(layer: dict, ffn: int) -> torch.Tensor:
-    wi, wo = layer["fi"][0], layer["fo"][0]
-    return _top(wi.norm(dim=1) * wo.norm(dim=0), ffn)
+    return _top(ffn_scores(layer), ffn)
 
 
 def _layer_state(layer: dict, res: torch.Tensor, heads: torch.Tensor, ffn: torch.Tensor) -> dict:

@@ -44,6 +44,10 @@ from searchspace.build import (
     _albert_names,
     _bert_names,
     _teacher_parts,
+    ffn_scores,
+    head_dims,
+    head_scores,
+    residual_scores,
     select_layers,
     student_config,
 )
@@ -84,10 +88,7 @@ class Supernet(nn.Module):
                 f"{self.max_ffn} exceed the teacher's ({t_hidden}, {t_ffn}); remove them")
 
         # residual dims: the teacher's top-H_max by LayerNorm scale, most important first
-        score = parts["emb_ln"][0].pow(2).clone()
-        for layer in parts["layers"]:
-            score += layer["ln1"][0].pow(2) + layer["ln2"][0].pow(2)
-        res = _descending(score)[:self.max_hidden]
+        res = _descending(residual_scores(parts))[:self.max_hidden]
 
         def param(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t.detach().clone().contiguous())
@@ -116,14 +117,8 @@ class Supernet(nn.Module):
         hs = self.head_size
         for t in self.teacher_layers:
             layer = parts["layers"][t]
-            wv, wo = layer["v"][0], layer["o"][0]
-            n_heads = wv.shape[0] // hs
-            h_score = torch.stack([wv[h * hs:(h + 1) * hs].norm() * wo[:, h * hs:(h + 1) * hs].norm()
-                                   for h in range(n_heads)])
-            heads = torch.cat([torch.arange(h * hs, (h + 1) * hs)
-                               for h in _descending(h_score)[:self.max_hidden // hs].tolist()])
-            ffn = _descending(layer["fi"][0].norm(dim=1) * layer["fo"][0].norm(dim=0))
-            ffn = ffn[:self.max_ffn]
+            heads = head_dims(_descending(head_scores(layer, hs))[:self.max_hidden // hs], hs)
+            ffn = _descending(ffn_scores(layer))[:self.max_ffn]
             rows_cols = {"q": (heads, res), "k": (heads, res), "v": (heads, res),
                          "o": (res, heads), "fi": (ffn, res), "fo": (res, ffn)}
             m = nn.Module()
