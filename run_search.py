@@ -113,6 +113,7 @@ def cmd_search(args) -> int:
     if args.n_trials is not None:
         overrides.append(f"search.n_trials={args.n_trials}")
     cfg = load_config(args.config, overrides)
+    _check_strategy_installed(cfg)
     name = args.study or Path(args.config).stem
     study = create_or_load(name, _storage(args, cfg.run_dir, name), cfg)
     folder = run_folder(cfg.run_dir, name)
@@ -120,6 +121,14 @@ def cmd_search(args) -> int:
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run = prepare(cfg, progress=not args.quiet)
     return _finish_search(run, study, cfg.search.n_trials, args.timeout or cfg.search.timeout)
+
+
+def _check_strategy_installed(cfg) -> None:
+    """Before the (possibly long) preparation: an optional strategy's library is importable."""
+    if cfg.search.strategy.startswith("nni-"):
+        from nas.nni_search import _import_nni
+
+        _import_nni()
 
 
 def cmd_profile(args) -> int:
@@ -160,6 +169,7 @@ def cmd_resume(args) -> int:
 
     study = load_study(args.study, _existing_storage(args))
     cfg = stored_config(study.user_attrs, args.study)
+    _check_strategy_installed(cfg)
     run = prepare(cfg, progress=not args.quiet)
     return _finish_search(run, study, args.n_trials, args.timeout)
 
@@ -179,7 +189,12 @@ def _finish_search(run, study, n_trials, timeout) -> int:
                   f"{summary['budget_ms']:.2f} ms; supernet dev score {summary['score']:.4f}; "
                   f"{summary['seconds']:.0f} s of search")
         return 0
-    summary = run_search(run, study, n_trials=n_trials, timeout=timeout)
+    driver = None
+    if run.cfg.search.strategy.startswith("nni-"):
+        from nas.nni_search import nni_driver
+
+        driver = nni_driver(run, study)
+    summary = run_search(run, study, n_trials=n_trials, timeout=timeout, driver=driver)
     print(status_text(study))
     print(f"\n{summary['trained']} trained of {summary['target']} requested")
     return 0

@@ -81,6 +81,7 @@ def main() -> int:
         study = create_or_load(name, default_storage(cfg.run_dir, name), cfg)
         if method not in results:
             t0 = time.perf_counter()
+            supernet_s = None
             if cfg.search.strategy == "differentiable":
                 differentiable_search(run, study, timeout=args.seconds)
             else:
@@ -88,11 +89,16 @@ def main() -> int:
                 if hasattr(run.proxy, "supernet"):  # its training counts toward the budget
                     run.proxy.supernet(progress=True)
                     left -= time.perf_counter() - t0
+                    supernet_s = time.perf_counter() - t0
                 run_search(run, study, n_trials=None, timeout=max(1.0, left))
             trained = [t for t in study.get_trials(deepcopy=False)
                        if t.user_attrs.get("status") in TRAINED]
+            secs = sorted(t.user_attrs["train_seconds"] for t in trained
+                          if "train_seconds" in t.user_attrs)
             results[method] = {"wall_s": time.perf_counter() - t0, "trained": len(trained),
-                               "budget_ms": study.user_attrs["budget_ms"]}
+                               "budget_ms": study.user_attrs["budget_ms"],
+                               "proxy_s": secs[len(secs) // 2] if secs else None,
+                               "supernet_s": supernet_s}
             save()
         best = max(best_trials(study), key=lambda t: t.user_attrs["score"])
         found[method] = (arch_of(best), best.user_attrs["score"], best.user_attrs)
@@ -116,11 +122,12 @@ def main() -> int:
     t_test = first["teacher"]["test"]["accuracy"]
     budget_ms = teacher_ms / run.cfg.budget.speedup if run.cfg.budget.speedup else \
         run.cfg.budget.latency_ms
-    rows = [["teacher", "-", "-", "-", f"{teacher_ms:.2f}", "1.00x", f"{run.teacher_params:,}",
+    rows = [["teacher", "-", "-", "-", "-", f"{teacher_ms:.2f}", "1.00x", f"{run.teacher_params:,}",
              "-", f"{first['teacher']['dev']['accuracy']:.4f}", f"{t_test:.4f}", "100.0"]]
     for method, (a, score, _) in found.items():
         r, rep = results[method], reports[method]
-        rows.append([method, f"{r['wall_s']:.0f}", str(r["trained"]), a.name, f"{ms[a.name]:.2f}",
+        px = "-" if r.get("proxy_s") is None else f"{r['proxy_s']:.1f}"
+        rows.append([method, f"{r['wall_s']:.0f}", str(r["trained"]), px, a.name, f"{ms[a.name]:.2f}",
                      f"{teacher_ms / ms[a.name]:.2f}x", f"{rep['student']['params']:,}",
                      f"{score:.4f}", f"{rep['student']['dev']['accuracy']:.4f}",
                      f"{rep['student']['test']['accuracy']:.4f}",
@@ -131,7 +138,7 @@ def main() -> int:
           f"{run.cfg.budget.threads} threads, median of {args.sweeps} sweeps)")
     print("final distillation for every student: " + json.dumps(run.cfg.to_dict()["distill"]))
     print()
-    print(text_table(["search", "wall s", "trained", "architecture", "ms", "speedup", "params",
+    print(text_table(["search", "wall s", "trained", "proxy s / cand", "architecture", "ms", "speedup", "params",
                       "search score", "dev acc", "test acc", "% of teacher"], rows))
     diff = found.get("differentiable")
     if diff:
@@ -140,6 +147,9 @@ def main() -> int:
               f"({attrs['derived']}); predicted {attrs['predicted_ms'] * attrs['latency_scale']:.2f}"
               f" ms against the search's budget {attrs['budget_ms']:.2f} ms; final entropy "
               + ", ".join(f"{k} {v:.2f}" for k, v in attrs["final_entropy"].items()))
+    for method, r in results.items():
+        if isinstance(r, dict) and r.get("supernet_s"):
+            print(f"{method}: supernet trained once in {r['supernet_s']:.0f} s (part of its wall s)")
     ds = results.get("distill_seconds", {})
     if ds:
         print("final distillations (s): " + ", ".join(f"{k} {v:.0f}" for k, v in ds.items()))

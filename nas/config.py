@@ -123,7 +123,10 @@ class BudgetConfig:
 class SearchConfig:
     # optuna: TPE / random / NSGA-II over trained candidates; differentiable: Gumbel-softmax
     # over a weight-sharing supernet with a latency loss (the `differentiable` section)
-    strategy: Literal["optuna", "differentiable"] = "optuna"
+    # nni-*: NNI 3.0's multi-trial strategies propose, each proposal an Optuna trial (the `nni`
+    # section; needs the [nni] extra)
+    strategy: Literal["optuna", "differentiable", "nni-evolution", "nni-random", "nni-tpe",
+                      "nni-grid"] = "optuna"
     sampler: Literal["tpe", "random", "nsga2"] = "tpe"
     n_trials: int | None = Field(20, ge=1)  # trained candidates; rejected ones do not count
     timeout: float | None = Field(None, gt=0)  # seconds of this process's search
@@ -141,6 +144,13 @@ class SearchConfig:
                                                   or self.pruner != "none"):
             raise ValueError("search.strategy: differentiable derives one architecture; set "
                              "search.sampler: tpe, multi_objective: false and pruner: none")
+        return self
+
+    @model_validator(mode="after")
+    def _nni_is_one_objective(self):
+        if self.strategy.startswith("nni-") and (self.multi_objective or self.sampler == "nsga2"):
+            raise ValueError(f"search.strategy: {self.strategy} optimises one score; set "
+                             "search.multi_objective: false and search.sampler: tpe")
         return self
 
     @model_validator(mode="after")
@@ -188,6 +198,22 @@ class DistillConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class NNIConfig:
+    """``search.strategy: nni-evolution``: NNI's regularized evolution (Real et al. 2019)."""
+
+    population_size: int = Field(8, ge=2)  # NNI's default, 100, exceeds most trial budgets here
+    sample_size: int = Field(3, ge=1)  # tournament size: the best of these is mutated
+    mutation_prob: float = Field(0.3, gt=0, le=1)  # per dimension (NNI's 0.05 rarely mutates
+    # any of the space's 5-6 dimensions, so most children would repeat their parent)
+
+    @model_validator(mode="after")
+    def _sample_fits(self):
+        if self.sample_size > self.population_size:
+            raise ValueError("nni.sample_size: must not exceed nni.population_size")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
 class DifferentiableConfig:
     """``search.strategy: differentiable``: AdaBERT-style search over a weight-sharing supernet.
     Each step trains the slice of a sampled architecture on a train batch; after the warm-up,
@@ -216,6 +242,7 @@ class RunConfig:
     proxy: ProxyConfig = ProxyConfig()
     distill: DistillConfig = DistillConfig()
     differentiable: DifferentiableConfig = DifferentiableConfig()
+    nni: NNIConfig = NNIConfig()
     seed: int = 0  # sampling, data splits and initialisation
     run_dir: str = "runs"
     cache_dir: str | None = None  # default: $TACNAS_CACHE or ~/.cache/tacnas

@@ -400,8 +400,13 @@ def _record_teacher(study: optuna.Study, teacher_ms: float, budget_ms: float | N
 
 
 def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
-               timeout: float | None) -> dict:
-    """Run trials until the study holds ``n_trials`` trained candidates (or ``timeout``)."""
+               timeout: float | None, driver=None) -> dict:
+    """Run trials until the study holds ``n_trials`` trained candidates (or ``timeout``).
+
+    ``driver(objective, callback, timeout, stopped)`` replaces Optuna's own loop where another
+    library proposes the candidates (``nas.nni_search``); every trial still goes through
+    ``objective`` and ``callback`` inside ``study.optimize``, so budget checks, reuse of trained
+    architectures, checkpoints and the stopping rules are the same."""
     budget_ms = resolve_budget(run, study)
     if hasattr(run.proxy, "supernet"):  # proxy.kind: supernet: trained once, before the trials
         run.proxy.supernet(progress=run.progress)
@@ -410,7 +415,7 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
     target = study.user_attrs.get("n_trials")
     objective = Objective(run, study, budget_ms=budget_ms)
     done = trained_count(study)
-    streak = {"untrained": 0, "exhausted": False}
+    streak = {"untrained": 0, "exhausted": False, "stop": False}
     bar = tqdm(total=target, initial=done, desc=f"search {study.study_name}", unit="trained",
                disable=not run.progress)
 
@@ -423,15 +428,19 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
         else:
             streak["untrained"] += 1
         if target is not None and trained_count(study) >= target:
+            streak["stop"] = True
             study.stop()
         if streak["untrained"] >= run.cfg.search.max_rejections:
-            streak["exhausted"] = True
+            streak["exhausted"] = streak["stop"] = True
             study.stop()
 
     try:
         if target is None or done < target:
-            study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after],
-                           gc_after_trial=True)
+            if driver is None:
+                study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after],
+                               gc_after_trial=True)
+            else:
+                driver(objective, after, timeout, lambda: streak["stop"])
     finally:
         bar.close()
         run.meter.close()

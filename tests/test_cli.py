@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -221,3 +222,10 @@ def test_multi_objective_tpe_report_and_pareto_export(project):
         report = json.loads((folder / "report.json").read_text())
         assert report["trial"] == n and model.num_parameters() == report["student"]["params"]
         assert report["student"]["predicted_ms"] > 0  # predicted beside measured
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nni") is not None, reason="NNI is installed here")
+def test_nni_strategy_without_nni_exits_2_with_the_install_line(project):
+    p = cli("search", "--config", "tiny.yaml", "--set", "search.strategy=nni-evolution",
+            cwd=project, check=False)
+    assert p.returncode == 2 and "tacnas[nni]" in p.stderr and "Traceback" not in p.stderr
