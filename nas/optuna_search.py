@@ -164,7 +164,8 @@ def create_or_load(name: str, storage_url: str, cfg: RunConfig) -> optuna.Study:
         time.sleep(0.5)
         summary = _summary(storage, name)
     if summary is not None:
-        diff = _differences(summary.user_attrs.get("config", {}), cfg.to_dict())
+        # through today's config class, so a setting added since (at its default) is no change
+        diff = _differences(stored_config(summary.user_attrs, name).to_dict(), cfg.to_dict())
         if diff:
             raise UserError(
                 f"--study {name}: exists in {storage_url} with a different config (differs at "

@@ -134,6 +134,15 @@ def test_a_different_config_under_the_same_study_name_is_refused(tmp_path):
         _study(other)
 
 
+def test_a_study_from_before_a_new_config_section_still_opens(tmp_path):
+    run = fake_run(tmp_path)
+    study = _study(run)
+    old = run.cfg.to_dict()
+    del old["nni"]  # as stored by a version without the section
+    study.set_user_attr("config", old)
+    assert _study(run).study_name == study.study_name  # the default is no difference
+
+
 def test_journal_storage_holds_a_resumable_study(tmp_path):
     url = f"journal://{tmp_path}/study.log"
     run = fake_run(tmp_path)
