@@ -15,6 +15,7 @@ truth for the predictor is the mean of A and B.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -33,6 +34,7 @@ from evaluators.latency_model import (  # noqa: E402
     LatencyTable,
     _clear_models,
     _measure_arch_in_worker,
+    arch_blocks,
     cpu_name,
     device_fingerprint,
     ensure_profiled,
@@ -96,6 +98,21 @@ def run(batch: int, args, space, teacher_config) -> list[str]:
         meter.close()
 
     truth = [(a_pass[a.name] + b_pass[a.name]) / 2 for a in test]
+    if args.dump:  # every figure behind the row, for fitting other correction forms offline
+        def parts(a):
+            return {b.kind: table.blocks[b.key] for b, _ in arch_blocks(a)}
+        known = {a.name: a for a in archs} | {teacher.name: teacher}
+        dump = {"batch": batch, "table": table.to_dict(),
+                "held_out": [{"arch": a.to_dict(), "parts": parts(a), "pred": p,
+                              "a": a_pass[a.name], "b": b_pass[a.name]}
+                             for a, p in zip(test, preds)],
+                "fit": [{"arch": known[n].to_dict(), "parts": parts(known[n]), "ms": ms}
+                        for n, ms in table.fit_points.items() if n in known],
+                "teacher": {"arch": teacher.to_dict(), "parts": parts(teacher),
+                            "a": a_pass[teacher.name], "b": b_pass[teacher.name]}}
+        out = Path(f"{args.dump}.b{batch}.json")
+        out.write_text(json.dumps(dump, indent=1))
+        print(f"batch {batch}: every figure in {out}")
     err = [(p - m) / m for p, m in zip(preds, truth)]
     # as the search does: scale by the teacher measured (here in pass A) over the teacher predicted
     scale = a_pass[teacher.name] / table.predict_ms(teacher)
@@ -138,6 +155,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed passes per sweep (batch 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument("--dump", help="also write every figure to DUMP.b<batch>.json")
     args = p.parse_args()
     cfg = load_config(args.config)
     t = cfg.teacher

@@ -126,7 +126,8 @@ def main() -> int:
              "-", f"{first['teacher']['dev']['accuracy']:.4f}", f"{t_test:.4f}", "100.0"]]
     for method, (a, score, _) in found.items():
         r, rep = results[method], reports[method]
-        px = "-" if r.get("proxy_s") is None else f"{r['proxy_s']:.1f}"
+        px = "-" if r.get("proxy_s") is None or method == "differentiable" else \
+            f"{r['proxy_s']:.1f}"
         rows.append([method, f"{r['wall_s']:.0f}", str(r["trained"]), px, a.name, f"{ms[a.name]:.2f}",
                      f"{teacher_ms / ms[a.name]:.2f}x", f"{rep['student']['params']:,}",
                      f"{score:.4f}", f"{rep['student']['dev']['accuracy']:.4f}",
