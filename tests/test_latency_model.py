@@ -3,6 +3,7 @@ sharing invariance, and the search's guard band."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,12 +14,16 @@ from transformers import BertConfig
 
 from evaluators.latency import LatencyMeter
 from evaluators.latency_model import (
+    MIN_LAYERS_FOR_MODEL,
+    Block,
     ExpectedLatency,
     LatencyTable,
     arch_blocks,
     device_fingerprint,
     ensure_profiled,
     fit_correction,
+    fit_layer_model,
+    layer_terms,
     teacher_arch,
 )
 from nas.optuna_search import create_or_load, default_storage, run_search
@@ -87,6 +92,57 @@ def test_correction_is_chosen_by_leave_one_out():
     assert how == "affine" and (c0, c1) == (pytest.approx(0.1), pytest.approx(1.25))
     how, _ = fit_correction(xs, xs)
     assert how == "none"
+    how, (c0, c1) = fit_correction(xs, [1.1 * x for x in xs])  # the machine 10% slower
+    assert how == "scale" and c0 == 0.0 and c1 == pytest.approx(1.1)
+
+
+WIDE = SearchSpace(num_layers=(1, 2), hidden_size=(64, 96, 128, 192, 256),
+                   intermediate_size=(128, 256, 512, 768, 1024), head_size=32,
+                   embedding_size=("hidden",), num_hidden_groups=("all",))
+
+
+def _layer_blocks(space):
+    return {b.key: b for a in space.all_archs() for b, n in arch_blocks(a) if b.kind == "layer"}
+
+
+def test_layer_model_averages_out_block_noise():
+    """Layer times that follow the layer terms, each timed with up to ±15% noise: the fitted
+    layer model is closer to the truth than the noisy timings it was fitted on."""
+    table = LatencyTable(device_fingerprint(batch_size=4, seq_len=32, threads=1))
+    true_coef = [2e-9, 2.5e-9, 4e-9, 1e-7, 5e-8, 3e-8, 0.05]
+    rng = random.Random(0)
+    truth = {}
+    for key, b in _layer_blocks(WIDE).items():
+        truth[key] = sum(c * x for c, x in zip(true_coef, layer_terms(b.hidden, b.heads, b.ffn,
+                                                                        4, 32)))
+        table.blocks[key] = truth[key] * (1 + rng.uniform(-0.15, 0.15))
+    assert len(truth) >= MIN_LAYERS_FOR_MODEL
+    assert fit_layer_model(table) == {"bert": len(truth)}
+    raw = [abs(table.blocks[k] - t) / t for k, t in truth.items()]
+    fitted = [abs(table.layer_ms(b, table.blocks[k]) - truth[k]) / truth[k]
+              for k, b in _layer_blocks(WIDE).items()]
+    assert sum(fitted) / len(fitted) < 0.5 * sum(raw) / len(raw)
+    assert all(c >= 0 for c in table.layer_model["bert"])
+    # time grows along every dimension of a layer
+    ms = lambda h, a, f: table.layer_ms(Block("layer", False, h, heads=a, ffn=f), 0.0)  # noqa: E731
+    assert ms(128, 4, 512) < ms(192, 6, 512) and ms(128, 4, 512) < ms(128, 4, 768)
+
+
+def test_a_class_with_few_profiled_layers_keeps_its_block_times(tmp_path):
+    table = synthetic_table()  # 4 layer shapes per class: too few to fit a layer model
+    assert fit_layer_model(table) == {} and table.layer_model == {}
+    arch = ArchConfig(2, 128, 8, 256, 128, 2)
+    layer = table.blocks["layer:bert:H128:A8:F256"]
+    c0, c1 = table.coefficients(False)
+    assert table.predict_ms(arch) == pytest.approx(
+        c0 + c1 * (table.blocks["embedding:bert:E128:H128"] + 2 * layer
+                   + table.blocks["head:bert:H128"]))
+    # a table saved before the layer model existed is fitted when loaded
+    path = tmp_path / "old.json"
+    d = synthetic_table(WIDE).to_dict()
+    del d["layer_model"]
+    path.write_text(json.dumps(d))
+    assert LatencyTable.load(path).layer_model.keys() == {"bert"}
 
 
 def test_expected_latency_equals_the_table_at_one_hot_and_has_a_gradient():
