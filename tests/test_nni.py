@@ -21,6 +21,8 @@ if os.environ.get("TACNAS_REQUIRE_NNI") != "1":
 
 from nas.nni_search import dimensions, nni_driver  # noqa: E402
 
+CAP = 35_000  # parameters: 36 of the tiny space's 60 architectures fit
+
 
 def _run(project, monkeypatch, strategy, *extra):
     monkeypatch.chdir(project)
@@ -70,11 +72,13 @@ def test_evolution_mutates_the_best_and_reports_the_worst_for_over_budget(projec
     real = nni_search.nni_value
     monkeypatch.setattr(nni_search, "nni_value", lambda t, w: told.append(
         (t.user_attrs["status"], real(t, w))) or told[-1][1])
+    # a parameter budget: over-budget candidates whatever this machine's speed (~40% of the space)
     run, study = _run(project, monkeypatch, "nni-evolution", "nni.population_size=2",
-                      "nni.sample_size=2", "budget.speedup=2.5")
+                      "nni.sample_size=2", "budget.speedup=null", f"budget.max_params={CAP}")
     run_search(run, study, n_trials=4, timeout=None, driver=nni_driver(run, study))
     scores = {t.number: t.user_attrs.get("score") for t in study.trials}
     assert len(told) == len(study.trials)
+    assert any(s == "over_budget" for s, _ in told) and any(s == "trained" for s, _ in told)
     for (status, value), t in zip(told, study.trials):
         assert status == t.user_attrs["status"]
         assert value == (0.0 if status in {"over_budget", "invalid"} else scores[t.number])
@@ -83,7 +87,9 @@ def test_evolution_mutates_the_best_and_reports_the_worst_for_over_budget(projec
 def test_cli_search_status_export_resume_with_nni(project):
     out = cli("search", "--config", "tiny.yaml", "--study", "evo", "--n-trials", "3",
               "--set", "search.strategy=nni-evolution", "--set", "nni.population_size=2",
-              "--set", "nni.sample_size=1", "--set", "proxy.steps=10", cwd=project).stdout
+              "--set", "nni.sample_size=1", "--set", "proxy.steps=10",
+              "--set", "budget.speedup=null", "--set", f"budget.max_params={CAP}",
+              cwd=project).stdout
     assert "3 trained of 3 requested" in out
     cli("resume", "--study", "evo", "--n-trials", "4", cwd=project)
     study = optuna.load_study(study_name="evo",
