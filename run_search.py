@@ -126,9 +126,9 @@ def cmd_search(args) -> int:
 def _check_strategy_installed(cfg) -> None:
     """Before the (possibly long) preparation: an optional strategy's library is importable."""
     if cfg.search.strategy.startswith("nni-"):
-        from nas.nni_search import _import_nni
+        from nas.nni_search import import_nni
 
-        _import_nni()
+        import_nni()
 
 
 def cmd_profile(args) -> int:

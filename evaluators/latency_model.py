@@ -579,14 +579,7 @@ class ExpectedLatency:
     """
 
     def __init__(self, table: LatencyTable, space: SearchSpace):
-        self.dims: list[tuple[str, tuple]] = [
-            ("num_layers", space.num_layers), ("hidden_size", space.hidden_size),
-        ]
-        if space.head_size is None:
-            self.dims.append(("num_heads", space.num_heads))
-        self.dims += [("intermediate_size", space.intermediate_size),
-                      ("embedding_size", space.embedding_size),
-                      ("num_hidden_groups", space.num_hidden_groups)]
+        self.dims: list[tuple[str, tuple]] = list(space.choices().items())
         values, valid = [], []
         for combo in itertools.product(*(c for _, c in self.dims)):
             d = dict(zip((n for n, _ in self.dims), combo))

@@ -37,11 +37,11 @@ from searchspace.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("nni-evolution", "nni-random", "nni-tpe", "nni-grid")
 INSTALL = "pip install 'tacnas[nni]' (nni 3.0 with pytorch-lightning 2.6.6)"
 
 
-def _import_nni():
+def import_nni():
+    """NNI's pieces used here; a UserError naming the extra if NNI is not installed."""
     try:
         with warnings.catch_warnings():  # nni 3.0 warns about torch classes it predates
             warnings.simplefilter("ignore")
@@ -62,31 +62,17 @@ def _import_nni():
     }
 
 
-def dimensions(space) -> dict[str, tuple]:
-    """The space's choices under the names ``SearchSpace.sample`` suggests them by."""
-    dims = {"num_layers": space.num_layers, "hidden_size": space.hidden_size}
-    if space.head_size is None:
-        dims["num_heads"] = space.num_heads
-    dims["intermediate_size"] = space.intermediate_size
-    dims["embedding_size"] = space.embedding_size
-    dims["num_hidden_groups"] = space.num_hidden_groups
-    return {k: tuple(v) for k, v in dims.items()}
-
-
 def make_strategy(name: str, cfg, api: dict):
-    seed = cfg.seed
-    n = cfg.nni
-    if name == "nni-evolution":
-        return api["RegularizedEvolution"](population_size=n.population_size,
-                                           sample_size=n.sample_size,
-                                           mutation_prob=n.mutation_prob, seed=seed)
-    if name == "nni-random":
-        return api["Random"](seed=seed)
-    if name == "nni-tpe":
-        return api["TPE"](optimize_mode="maximize", seed=seed)
-    if name == "nni-grid":
-        return api["GridSearch"](seed=seed)
-    raise UserError(f"search.strategy: {name!r} is not one of {', '.join(STRATEGIES)}")
+    """NNI's strategy for ``search.strategy`` (the config admits only these names)."""
+    seed, n = cfg.seed, cfg.nni
+    return {
+        "nni-evolution": lambda: api["RegularizedEvolution"](
+            population_size=n.population_size, sample_size=n.sample_size,
+            mutation_prob=n.mutation_prob, seed=seed),
+        "nni-random": lambda: api["Random"](seed=seed),
+        "nni-tpe": lambda: api["TPE"](optimize_mode="maximize", seed=seed),
+        "nni-grid": lambda: api["GridSearch"](seed=seed),
+    }[name]()
 
 
 def nni_value(trial: optuna.trial.FrozenTrial, worst: float) -> float:
@@ -99,9 +85,9 @@ def nni_value(trial: optuna.trial.FrozenTrial, worst: float) -> float:
 def nni_driver(run: Run, study: optuna.Study):
     """A ``run_search`` driver: NNI's strategy proposes, ``study.optimize`` runs each proposal."""
     name = run.cfg.search.strategy
-    api = _import_nni()
+    api = import_nni()
     nni = api["nni"]
-    dims = dimensions(run.space)
+    dims = run.space.choices()
     worst = WORST[run.cfg.task.metric]
 
     def drive(objective, callback, timeout, stopped) -> None:

@@ -54,6 +54,17 @@ class SearchSpace:
             if g != ALL and not (isinstance(g, int) and g > 0):
                 raise UserError(f"space.num_hidden_groups: {g!r} is not a positive int or 'all'")
 
+    def choices(self) -> dict[str, tuple]:
+        """Each dimension's choices, under the names and in the order ``sample`` suggests them
+        (``num_heads`` only where heads are a free dimension)."""
+        dims = {"num_layers": self.num_layers, "hidden_size": self.hidden_size}
+        if self.head_size is None:
+            dims["num_heads"] = self.num_heads
+        dims["intermediate_size"] = self.intermediate_size
+        dims["embedding_size"] = self.embedding_size
+        dims["num_hidden_groups"] = self.num_hidden_groups
+        return {k: tuple(v) for k, v in dims.items()}
+
     def sample(self, trial: SuggestsCategorical) -> ArchConfig:
         """Suggest every dimension on ``trial`` (a Trial or FixedTrial); raise InvalidArch if the
         combination does not fit together."""

@@ -251,10 +251,8 @@ class Supernet(nn.Module):
 
     def dims(self) -> list[tuple[str, tuple]]:
         """The dimensions a gate vector is given for, with their choices (space order)."""
-        sp = self.space
-        return [("num_layers", sp.num_layers), ("hidden_size", sp.hidden_size),
-                ("intermediate_size", sp.intermediate_size), ("embedding_size", sp.embedding_size),
-                ("num_hidden_groups", sp.num_hidden_groups)]
+        # heads follow hidden (one head width throughout), so they get no gate of their own
+        return [(k, v) for k, v in self.space.choices().items() if k != "num_heads"]
 
     def arch_of(self, index: dict[str, int]) -> ArchConfig:
         """The architecture of one choice index per dimension (may raise InvalidArch)."""

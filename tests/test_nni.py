@@ -19,7 +19,7 @@ from tests.test_cli import cli
 if os.environ.get("TACNAS_REQUIRE_NNI") != "1":
     pytest.importorskip("nni", reason="the [nni] extra is not installed")
 
-from nas.nni_search import dimensions, nni_driver  # noqa: E402
+from nas.nni_search import nni_driver  # noqa: E402
 
 CAP = 35_000  # parameters: 36 of the tiny space's 60 architectures fit
 
@@ -35,7 +35,7 @@ def _run(project, monkeypatch, strategy, *extra):
 
 def test_dimensions_name_what_the_space_suggests(project, monkeypatch):
     run, _ = _run(project, monkeypatch, "nni-random")
-    dims = dimensions(run.space)
+    dims = run.space.choices()
     seen = {}
 
     class Recorder:
