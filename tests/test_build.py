@@ -84,6 +84,7 @@ def test_teacher_init_starts_far_better_than_random(tiny_dir, tiny_teacher):
     task = TaskConfig(dataset=str(tiny_dir / "tiny" / "data.csv"), max_length=32)
     data = load_task(task, tok, teacher_config=tiny_teacher.config)
     teacher_dev = predict_logits(tiny_teacher, data.dev)
+    majority = float(torch.bincount(data.dev.labels).max()) / len(data.dev.labels)
     # fewer layers, narrower FFN, factorized embeddings, and shared layers
     for arch in (ArchConfig(3, 64, 4, 96, 32, 3), ArchConfig(4, 64, 4, 96, 32, 2)):
         scores = {}
@@ -91,5 +92,9 @@ def test_teacher_init_starts_far_better_than_random(tiny_dir, tiny_teacher):
             model = build_student(arch, tiny_teacher, init=init, seed=0)
             scores[init] = compute_metrics(predict_logits(model, data.dev), data.dev.labels,
                                            teacher_dev)
+        # relative to what the code guarantees, not to one CPU's figure: the tiny teacher is
+        # trained in the test, so its numerics (and the student's absolute accuracy) differ
+        # between AMD EPYC (0.88-0.94 here) and Intel Xeon with AMX (0.725 seen there)
         assert scores["teacher"]["agreement"] > scores["random"]["agreement"] + 0.3, scores
-        assert scores["teacher"]["accuracy"] > 0.8, scores
+        assert scores["teacher"]["accuracy"] > scores["random"]["accuracy"] + 0.25, scores
+        assert scores["teacher"]["accuracy"] > majority + 0.2, (scores, majority)
