@@ -18,19 +18,16 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scipy.stats import kendalltau  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from evaluators.latency import LatencyMeter  # noqa: E402
-from evaluators.latency_model import (  # noqa: E402
+from tacnas.evaluators.latency import LatencyMeter  # noqa: E402
+from tacnas.evaluators.latency_model import (  # noqa: E402
     LatencyTable,
     _clear_models,
     _measure_arch_in_worker,
@@ -40,9 +37,9 @@ from evaluators.latency_model import (  # noqa: E402
     ensure_profiled,
     teacher_arch,
 )
-from evaluators.teacher import resolve_source  # noqa: E402
-from nas.config import load_config  # noqa: E402
-from nas.report import table as text_table  # noqa: E402
+from tacnas.evaluators.teacher import resolve_source  # noqa: E402
+from tacnas.nas.config import load_config  # noqa: E402
+from tacnas.nas.report import table as text_table  # noqa: E402
 
 
 def measure_pass(meter, archs, teacher_config, settings, sweeps, rng, desc):

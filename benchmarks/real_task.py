@@ -30,18 +30,15 @@ import dataclasses
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from scipy.stats import kendalltau  # noqa: E402
 
-from evaluators.latency_model import teacher_arch  # noqa: E402
-from nas.config import load_config  # noqa: E402
-from nas.distill import distill  # noqa: E402
-from nas.optuna_search import (  # noqa: E402
+from tacnas.evaluators.latency_model import teacher_arch  # noqa: E402
+from tacnas.nas.config import load_config  # noqa: E402
+from tacnas.nas.distill import distill  # noqa: E402
+from tacnas.nas.optuna_search import (  # noqa: E402
     TRAINED,
     arch_of,
     best_trials,
@@ -49,10 +46,10 @@ from nas.optuna_search import (  # noqa: E402
     default_storage,
     run_search,
 )
-from nas.pipeline import prepare  # noqa: E402
-from nas.report import table as text_table  # noqa: E402
-from searchspace.arch import ArchConfig  # noqa: E402
-from searchspace.build import student_config  # noqa: E402
+from tacnas.nas.pipeline import prepare  # noqa: E402
+from tacnas.nas.report import table as text_table  # noqa: E402
+from tacnas.searchspace.arch import ArchConfig  # noqa: E402
+from tacnas.searchspace.build import student_config  # noqa: E402
 
 log = logging.getLogger("real_task")
 

@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from real_task import latency_pass  # noqa: E402  (benchmarks/ is the script's folder)
 
-from benchmarks.real_task import latency_pass  # noqa: E402
-from nas.config import load_config  # noqa: E402
-from nas.differentiable import differentiable_search  # noqa: E402
-from nas.distill import distill  # noqa: E402
-from nas.optuna_search import (  # noqa: E402
+from tacnas.nas.config import load_config  # noqa: E402
+from tacnas.nas.differentiable import differentiable_search  # noqa: E402
+from tacnas.nas.distill import distill  # noqa: E402
+from tacnas.nas.optuna_search import (  # noqa: E402
     TRAINED,
     arch_of,
     best_trials,
@@ -41,8 +39,8 @@ from nas.optuna_search import (  # noqa: E402
     default_storage,
     run_search,
 )
-from nas.pipeline import prepare  # noqa: E402
-from nas.report import table as text_table  # noqa: E402
+from tacnas.nas.pipeline import prepare  # noqa: E402
+from tacnas.nas.report import table as text_table  # noqa: E402
 
 METHODS = {
     "differentiable": ["search.strategy=differentiable", "differentiable.steps=400",

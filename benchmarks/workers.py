@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
-from nas.optuna_search import open_storage  # noqa: E402
-from nas.report import table  # noqa: E402
+from tacnas.nas.optuna_search import open_storage  # noqa: E402
+from tacnas.nas.report import table  # noqa: E402
 from tests import postgres, tiny_assets  # noqa: E402
 
 

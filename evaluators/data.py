@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from searchspace.errors import UserError
+from tacnas.errors import UserError
 
 log = logging.getLogger(__name__)
 

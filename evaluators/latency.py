@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
-from searchspace.arch import ArchConfig
-from searchspace.build import student_config
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import student_config
 
 # the reference: a one-layer BERT, hidden 256, 8 heads, FFN 1024, small vocabulary
 REFERENCE = dict(model_type="bert", vocab_size=512, hidden_size=256, num_hidden_layers=1,

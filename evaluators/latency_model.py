@@ -45,9 +45,9 @@ import transformers
 from scipy.optimize import nnls
 from tqdm.auto import tqdm
 
-from searchspace.arch import ArchConfig
-from searchspace.errors import UserError
-from searchspace.space import ALL, HIDDEN, SearchSpace
+from tacnas.errors import UserError
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.space import ALL, HIDDEN, SearchSpace
 
 BACKENDS = ("torch", "onnxruntime")
 TABLE_VERSION = 1
@@ -364,7 +364,7 @@ def _probe_config(block: dict, teacher_config: dict):
     same compute)."""
     from transformers import PretrainedConfig
 
-    from searchspace.build import student_config
+    from tacnas.searchspace.build import student_config
 
     h = block["hidden"]
     tc = dict(teacher_config)
@@ -430,7 +430,7 @@ def block_module(model, block: dict, batch_size: int, seq_len: int):
     a 1536 FFN)."""
     from transformers.masking_utils import create_bidirectional_mask
 
-    from evaluators.latency import input_ids
+    from tacnas.evaluators.latency import input_ids
 
     albert = block["albert"]
     ids = input_ids(model.config.vocab_size, batch_size, seq_len)
@@ -453,7 +453,7 @@ def _profile_in_worker(block: dict, teacher_config: dict,
     kept for the next sweep): ``(ratio, reference ms)``."""
     from transformers import AutoModelForSequenceClassification
 
-    from evaluators.latency import ratio_in_worker, runner_in_worker
+    from tacnas.evaluators.latency import ratio_in_worker, runner_in_worker
 
     key = Block(**block).key
     if key not in _PROBES:
@@ -535,8 +535,8 @@ def _measure_arch_in_worker(arch: dict, teacher_config: dict,
     """A whole model against the reference (kept for the next sweep): ``(ratio, ref ms)``."""
     from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
-    from evaluators.latency import model_inputs, ratio_in_worker, runner_in_worker
-    from searchspace.build import student_config
+    from tacnas.evaluators.latency import model_inputs, ratio_in_worker, runner_in_worker
+    from tacnas.searchspace.build import student_config
 
     a = ArchConfig.from_dict(arch)
     if a.name not in _MODELS:

@@ -15,11 +15,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from evaluators.data import TaskData
-from evaluators.metrics import compute_metrics
-from evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
-from searchspace.arch import ArchConfig
-from searchspace.build import build_student
+from tacnas.evaluators.data import TaskData
+from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import build_student
 
 
 class Stopped(Exception):
@@ -145,8 +145,8 @@ def train_supernet(proxy: SupernetProxy, *, progress: bool):
 
     from safetensors.torch import load_file, save_file
 
-    from evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
-    from searchspace.supernet import Supernet
+    from tacnas.evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
+    from tacnas.searchspace.supernet import Supernet
 
     torch.manual_seed(proxy.seed)
     net = Supernet(proxy.space, proxy.teacher)

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from evaluators.data import Split, TaskData
-from evaluators.metrics import compute_metrics
-from evaluators.training import make_optimizer, predict_logits, shuffled_batches
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.data import Split, TaskData
+from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.training import make_optimizer, predict_logits, shuffled_batches
 
 log = logging.getLogger(__name__)
 

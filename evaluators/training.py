@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
-from evaluators.data import Split
+from tacnas.evaluators.data import Split
 
 
 def shuffled_batches(n: int, batch_size: int, seed: int,

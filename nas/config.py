@@ -13,8 +13,8 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
-from searchspace.errors import UserError
-from searchspace.space import SearchSpace
+from tacnas.errors import UserError
+from tacnas.searchspace.space import SearchSpace
 
 _STRICT = ConfigDict(extra="forbid", strict=False)
 CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "mcc")

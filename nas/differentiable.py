@@ -39,15 +39,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
-from evaluators.latency_model import ExpectedLatency
-from evaluators.metrics import compute_metrics
-from evaluators.training import kd_loss, predict_logits, shuffled_batches
-from nas.optuna_search import TRAINED, WORKER, Objective, checkpoint_dir, resolve_budget, run_folder
-from nas.pipeline import Run
-from searchspace.arch import ArchConfig, InvalidArch
-from searchspace.errors import UserError
-from searchspace.supernet import Supernet
+from tacnas.errors import UserError
+from tacnas.evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
+from tacnas.evaluators.latency_model import ExpectedLatency
+from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.training import kd_loss, predict_logits, shuffled_batches
+from tacnas.nas.optuna_search import (
+    TRAINED,
+    WORKER,
+    Objective,
+    checkpoint_dir,
+    resolve_budget,
+    run_folder,
+)
+from tacnas.nas.pipeline import Run
+from tacnas.searchspace.arch import ArchConfig, InvalidArch
+from tacnas.searchspace.supernet import Supernet
 
 log = logging.getLogger(__name__)
 

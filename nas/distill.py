@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
-from evaluators.metrics import compute_metrics
-from evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
-from nas.pipeline import Run
-from searchspace.arch import ArchConfig
-from searchspace.build import build_student, student_layers
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
+from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
+from tacnas.nas.pipeline import Run
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import build_student, student_layers
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     """Train ``arch`` fully and write ``out`` as export does. Resumes from ``out/checkpoint``.
     ``layers``: the teacher layer each student layer starts from and is matched against
     (default: spread over the teacher's depth, as in the search)."""
-    from nas.export import write_folder
+    from tacnas.nas.export import write_folder
 
     d, data, teacher = run.cfg.distill, run.data, run.teacher.model
     if not run.space.contains(arch):

@@ -15,13 +15,13 @@ import optuna
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from evaluators.latency_model import cpu_name
-from evaluators.metrics import compute_metrics
-from evaluators.training import predict_logits
-from nas.optuna_search import arch_of, best_trials, checkpoint_dir
-from nas.pipeline import Run
-from nas.report import comparison_text
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.latency_model import cpu_name
+from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.training import predict_logits
+from tacnas.nas.optuna_search import arch_of, best_trials, checkpoint_dir
+from tacnas.nas.pipeline import Run
+from tacnas.nas.report import comparison_text
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
     finally:
         run.meter.close()
     if run.table is not None:
-        from evaluators.latency_model import teacher_arch
+        from tacnas.evaluators.latency_model import teacher_arch
 
         predicted = run.table.predict_ms(arch)
         teacher_predicted = run.table.predict_ms(teacher_arch(run.teacher.model.config))

@@ -31,9 +31,9 @@ import warnings
 
 import optuna
 
-from evaluators.metrics import WORST
-from nas.pipeline import Run
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.metrics import WORST
+from tacnas.nas.pipeline import Run
 
 log = logging.getLogger(__name__)
 

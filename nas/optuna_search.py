@@ -22,13 +22,13 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from evaluators.latency_model import teacher_arch
-from evaluators.metrics import WORST
-from evaluators.proxy import Stopped
-from nas.config import RunConfig, config_from_dict
-from nas.pipeline import Run
-from searchspace.arch import ArchConfig, InvalidArch
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.latency_model import teacher_arch
+from tacnas.evaluators.metrics import WORST
+from tacnas.evaluators.proxy import Stopped
+from tacnas.nas.config import RunConfig, config_from_dict
+from tacnas.nas.pipeline import Run
+from tacnas.searchspace.arch import ArchConfig, InvalidArch
 
 log = logging.getLogger(__name__)
 

@@ -8,18 +8,19 @@ from pathlib import Path
 
 import torch
 
-from evaluators.data import TaskData, load_task
-from evaluators.latency import LatencyMeter
-from evaluators.latency_model import (
+from tacnas.errors import UserError
+from tacnas.evaluators.data import TaskData, load_task
+from tacnas.evaluators.latency import LatencyMeter
+from tacnas.evaluators.latency_model import (
     LatencyTable,
     default_table_path,
     device_fingerprint,
     ensure_profiled,
     teacher_arch,
 )
-from evaluators.metrics import compute_metrics
-from evaluators.proxy import DistillationProxy, SupernetProxy
-from evaluators.teacher import (
+from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.proxy import DistillationProxy, SupernetProxy
+from tacnas.evaluators.teacher import (
     Teacher,
     cache_root,
     load_teacher,
@@ -27,9 +28,8 @@ from evaluators.teacher import (
     resolve_source,
     teacher_logits,
 )
-from nas.config import RunConfig
-from searchspace.errors import UserError
-from searchspace.space import SearchSpace
+from tacnas.nas.config import RunConfig
+from tacnas.searchspace.space import SearchSpace
 
 log = logging.getLogger(__name__)
 

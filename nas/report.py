@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from nas.optuna_search import best_trials, feasible_trained, pareto_front, trained_count
+from tacnas.nas.optuna_search import best_trials, feasible_trained, pareto_front, trained_count
 
 
 def _fmt(v, spec: str) -> str:

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from searchspace.errors import UserError
+from tacnas.errors import UserError
 
 
 class InvalidArch(UserError):

@@ -20,8 +20,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from searchspace.arch import ArchConfig
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.searchspace.arch import ArchConfig
 
 _COPIED = (
     "vocab_size", "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps",

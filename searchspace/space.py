@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from searchspace.arch import ArchConfig, InvalidArch
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.searchspace.arch import ArchConfig, InvalidArch
 
 HIDDEN = "hidden"  # embedding_size choice meaning "no factorization"
 ALL = "all"  # num_hidden_groups choice meaning "no sharing" (one group per layer)

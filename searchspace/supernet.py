@@ -39,8 +39,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from searchspace.arch import ArchConfig
-from searchspace.build import (
+from tacnas.errors import UserError
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import (
     _albert_names,
     _bert_names,
     _teacher_parts,
@@ -51,8 +52,7 @@ from searchspace.build import (
     select_layers,
     student_config,
 )
-from searchspace.errors import UserError
-from searchspace.space import ALL, HIDDEN, SearchSpace
+from tacnas.searchspace.space import ALL, HIDDEN, SearchSpace
 
 _LAYER_KEYS = ("q", "k", "v", "o", "ln1", "fi", "fo", "ln2")
 

@@ -3,8 +3,8 @@ import itertools
 import pytest
 import torch
 
-from searchspace.arch import ArchConfig, InvalidArch
-from searchspace.build import build_student
+from tacnas.searchspace.arch import ArchConfig, InvalidArch
+from tacnas.searchspace.build import build_student
 
 ARCHS = [
     ArchConfig(2, 64, 4, 128, 64, 2),  # BERT

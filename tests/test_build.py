@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from evaluators.data import load_task
-from evaluators.metrics import compute_metrics
-from evaluators.training import predict_logits
-from nas.config import TaskConfig
-from searchspace.arch import ArchConfig
-from searchspace.build import build_student, select_layers
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.data import load_task
+from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.training import predict_logits
+from tacnas.nas.config import TaskConfig
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import build_student, select_layers
 
 
 def _logits(model, x):

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from nas.config import apply_overrides, config_from_dict, load_config
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.nas.config import apply_overrides, config_from_dict, load_config
 
 BASE = dict(task=dict(dataset="x.csv"), teacher=dict(model="t"), budget=dict(speedup=2),
             space=dict(num_layers=[1, 2], hidden_size=[64], intermediate_size=[128]))

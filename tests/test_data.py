@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from evaluators.data import load_task
-from nas.config import SplitConfig, TaskConfig
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.data import load_task
+from tacnas.nas.config import SplitConfig, TaskConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import optuna
 import pytest
 import torch
 
-import nas.differentiable as diff_mod
-from evaluators.latency_model import ExpectedLatency
-from nas.config import load_config
-from nas.differentiable import ArchParams, derive, differentiable_search
-from nas.optuna_search import Objective, create_or_load, default_storage
-from nas.pipeline import prepare
-from searchspace.space import SearchSpace
-from searchspace.supernet import Supernet
+import tacnas.nas.differentiable as diff_mod
+from tacnas.evaluators.latency_model import ExpectedLatency
+from tacnas.nas.config import load_config
+from tacnas.nas.differentiable import ArchParams, derive, differentiable_search
+from tacnas.nas.optuna_search import Objective, create_or_load, default_storage
+from tacnas.nas.pipeline import prepare
+from tacnas.searchspace.space import SearchSpace
+from tacnas.searchspace.supernet import Supernet
 from tests.test_cli import cli
 
 SPACE = SearchSpace(num_layers=(1, 2, 4), hidden_size=(32, 48, 64), intermediate_size=(64, 128),
@@ -153,8 +153,8 @@ def test_cli_search_status_export_of_a_differentiable_study(project):
 
 
 def test_supernet_proxy_trains_once_and_candidates_inherit_its_slices(diff_run, monkeypatch):
-    import evaluators.proxy as proxy_mod
-    from searchspace.arch import ArchConfig
+    import tacnas.evaluators.proxy as proxy_mod
+    from tacnas.searchspace.arch import ArchConfig
 
     overrides = ("search.strategy=optuna", "proxy.kind=supernet", "proxy.supernet_steps=30",
                  "proxy.steps=5")

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nas.distill as distill_mod
-from evaluators.metrics import compute_metrics
-from evaluators.training import predict_logits
-from nas.config import load_config
-from nas.distill import TeacherFeatures, distill, intermediate_losses, teacher_targets
-from nas.pipeline import prepare
-from searchspace.arch import ArchConfig
-from searchspace.build import build_student, select_layers
+import tacnas.nas.distill as distill_mod
+from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.training import predict_logits
+from tacnas.nas.config import load_config
+from tacnas.nas.distill import TeacherFeatures, distill, intermediate_losses, teacher_targets
+from tacnas.nas.pipeline import prepare
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import build_student, select_layers
 
 SMALL = ArchConfig(1, 32, 2, 64, 32, 1)
 

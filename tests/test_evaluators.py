@@ -2,14 +2,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from evaluators.data import load_task
-from evaluators.latency import LatencyMeter, measure_ms
-from evaluators.proxy import DistillationProxy, Stopped
-from evaluators.teacher import Teacher, teacher_logits
-from evaluators.training import kd_loss, shuffled_batches
-from nas.config import TaskConfig
-from searchspace.arch import ArchConfig
-from searchspace.build import build_student
+from tacnas.evaluators.data import load_task
+from tacnas.evaluators.latency import LatencyMeter, measure_ms
+from tacnas.evaluators.proxy import DistillationProxy, Stopped
+from tacnas.evaluators.teacher import Teacher, teacher_logits
+from tacnas.evaluators.training import kd_loss, shuffled_batches
+from tacnas.nas.config import TaskConfig
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import build_student
 
 
 def test_kd_loss_is_zero_only_when_student_matches_teacher():

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from evaluators.latency import LatencyMeter
-from evaluators.latency_model import (
+from tacnas.errors import UserError
+from tacnas.evaluators.latency import LatencyMeter
+from tacnas.evaluators.latency_model import (
     MIN_LAYERS_FOR_MODEL,
     Block,
     ExpectedLatency,
@@ -26,10 +27,9 @@ from evaluators.latency_model import (
     layer_terms,
     teacher_arch,
 )
-from nas.optuna_search import create_or_load, default_storage, run_search
-from searchspace.arch import ArchConfig
-from searchspace.errors import UserError
-from searchspace.space import SearchSpace
+from tacnas.nas.optuna_search import create_or_load, default_storage, run_search
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.space import SearchSpace
 from tests.test_search import fake_run
 
 SPACE = SearchSpace(num_layers=(1, 2, 4), hidden_size=(64, 128), intermediate_size=(128, 256),
@@ -275,7 +275,7 @@ def test_guard_band_measures_candidates_near_the_budget(tmp_path):
 
 def test_onnxruntime_backend_runs_the_same_model_and_is_measured(random_teacher, tmp_path):
     pytest.importorskip("onnxruntime", reason="budget.backend onnxruntime needs tacnas[onnx]")
-    from evaluators.latency import make_runner, model_inputs
+    from tacnas.evaluators.latency import make_runner, model_inputs
 
     module, inputs = model_inputs(random_teacher, 2, 16)
     ort_logits = make_runner(module, inputs, backend="onnxruntime", threads=1)()[0]

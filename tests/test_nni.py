@@ -11,15 +11,15 @@ import os
 import optuna
 import pytest
 
-from nas.config import load_config
-from nas.optuna_search import TRAINED, create_or_load, default_storage, run_search
-from nas.pipeline import prepare
+from tacnas.nas.config import load_config
+from tacnas.nas.optuna_search import TRAINED, create_or_load, default_storage, run_search
+from tacnas.nas.pipeline import prepare
 from tests.test_cli import cli
 
 if os.environ.get("TACNAS_REQUIRE_NNI") != "1":
     pytest.importorskip("nni", reason="the [nni] extra is not installed")
 
-from nas.nni_search import nni_driver  # noqa: E402
+from tacnas.nas.nni_search import nni_driver  # noqa: E402
 
 CAP = 35_000  # parameters: 36 of the tiny space's 60 architectures fit
 
@@ -66,7 +66,7 @@ def test_nni_strategy_trains_the_requested_trials_through_the_objective(
 
 
 def test_evolution_mutates_the_best_and_reports_the_worst_for_over_budget(project, monkeypatch):
-    from nas import nni_search
+    from tacnas.nas import nni_search
 
     told = []
     real = nni_search.nni_value

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from evaluators.proxy import EvalResult
-from nas.config import config_from_dict
-from nas.optuna_search import best_trials, create_or_load, default_storage, run_search
-from searchspace.arch import ArchConfig
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.proxy import EvalResult
+from tacnas.nas.config import config_from_dict
+from tacnas.nas.optuna_search import best_trials, create_or_load, default_storage, run_search
+from tacnas.searchspace.arch import ArchConfig
 
 
 class FakeMeter:

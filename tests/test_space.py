@@ -1,10 +1,10 @@
 import optuna
 import pytest
 
-from nas.config import config_from_dict
-from searchspace.arch import ArchConfig, InvalidArch
-from searchspace.errors import UserError
-from searchspace.space import SearchSpace
+from tacnas.errors import UserError
+from tacnas.nas.config import config_from_dict
+from tacnas.searchspace.arch import ArchConfig, InvalidArch
+from tacnas.searchspace.space import SearchSpace
 
 
 def space(**kw):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from searchspace.arch import ArchConfig
-from searchspace.build import build_student
-from searchspace.errors import UserError
-from searchspace.space import SearchSpace
-from searchspace.supernet import Supernet
+from tacnas.errors import UserError
+from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import build_student
+from tacnas.searchspace.space import SearchSpace
+from tacnas.searchspace.supernet import Supernet
 
 # the random_teacher fixture: 4 layers, hidden 64, 4 heads of 16, FFN 128, vocab 99
 SPACE = SearchSpace(num_layers=(1, 2, 4), hidden_size=(32, 48, 64), intermediate_size=(64, 128),

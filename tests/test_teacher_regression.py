@@ -6,12 +6,12 @@ import csv
 
 import pytest
 
-from evaluators.data import load_task
-from evaluators.teacher import cache_root
-from nas.config import config_from_dict
-from nas.pipeline import prepare
-from searchspace.arch import ArchConfig
-from searchspace.errors import UserError
+from tacnas.errors import UserError
+from tacnas.evaluators.data import load_task
+from tacnas.evaluators.teacher import cache_root
+from tacnas.nas.config import config_from_dict
+from tacnas.nas.pipeline import prepare
+from tacnas.searchspace.arch import ArchConfig
 from tests.tiny_assets import NEG, POS, make_rows
 
 
