@@ -27,22 +27,20 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 from tacnas.evaluators.latency import LatencyMeter  # noqa: E402
-from tacnas.evaluators.latency_model import (  # noqa: E402
+from tacnas.evaluators.latency_table import (  # noqa: E402
     LatencyTable,
-    _clear_models,
-    _measure_arch_in_worker,
     arch_blocks,
     cpu_name,
     device_fingerprint,
-    ensure_profiled,
     teacher_arch,
 )
+from tacnas.evaluators.profile import ensure_profiled  # noqa: E402
 from tacnas.evaluators.teacher import resolve_source  # noqa: E402
 from tacnas.nas.config import load_config  # noqa: E402
 from tacnas.nas.report import table as text_table  # noqa: E402
 
 
-def measure_pass(meter, archs, teacher_config, settings, sweeps, rng, desc):
+def measure_pass(meter, archs, sweeps, rng, desc):
     """Per model: (ms against the reference, in the table's unit: the median of the sweeps'
     ratios; raw ms: the lowest of the sweeps' medians)."""
     ratios = {a.name: [] for a in archs}
@@ -51,7 +49,7 @@ def measure_pass(meter, archs, teacher_config, settings, sweeps, rng, desc):
         order = archs[:]
         rng.shuffle(order)
         for a in order:
-            r, ref_ms = meter.call(_measure_arch_in_worker, a.to_dict(), teacher_config, settings)
+            r, ref_ms = meter.arch_ratio(a)  # one round, the model kept built for the next
             ratios[a.name].append(r)
             raw[a.name] = min(raw[a.name], r * ref_ms)
     return ({k: statistics.median(v) * meter.unit_ms for k, v in ratios.items()}, raw)
@@ -75,12 +73,10 @@ def run(batch: int, args, space, teacher_config) -> list[str]:
         rng = random.Random(args.seed)
         pool = [a for a in archs if a.name not in table.fit_points]
         test = rng.sample(pool, min(args.n, len(pool)))
-        tc = teacher_config.to_dict()
-        one = {**meter.settings, "rounds": 1}
         both = [*test, teacher]  # the teacher too: the search calibrates predictions with it
-        a_pass, a_raw = measure_pass(meter, both, tc, one, args.sweeps, rng, f"batch {batch} pass A")
-        b_pass, b_raw = measure_pass(meter, both, tc, one, args.sweeps, rng, f"batch {batch} pass B")
-        meter.call(_clear_models)
+        a_pass, a_raw = measure_pass(meter, both, args.sweeps, rng, f"batch {batch} pass A")
+        b_pass, b_raw = measure_pass(meter, both, args.sweeps, rng, f"batch {batch} pass B")
+        meter.forget()
 
         # the cost of one budget check each way
         t0 = time.perf_counter()

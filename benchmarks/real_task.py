@@ -35,19 +35,19 @@ from pathlib import Path
 
 from scipy.stats import kendalltau  # noqa: E402
 
-from tacnas.evaluators.latency_model import teacher_arch  # noqa: E402
+from tacnas.evaluators.latency_table import teacher_arch  # noqa: E402
 from tacnas.nas.config import load_config  # noqa: E402
 from tacnas.nas.distill import distill  # noqa: E402
-from tacnas.nas.optuna_search import (  # noqa: E402
-    TRAINED,
+from tacnas.nas.optuna_search import run_search  # noqa: E402
+from tacnas.nas.pipeline import prepare  # noqa: E402
+from tacnas.nas.record import TrialRecord  # noqa: E402
+from tacnas.nas.report import table as text_table  # noqa: E402
+from tacnas.nas.study import (  # noqa: E402
     arch_of,
-    best_trials,
+    best_trial,
     create_or_load,
     default_storage,
-    run_search,
 )
-from tacnas.nas.pipeline import prepare  # noqa: E402
-from tacnas.nas.report import table as text_table  # noqa: E402
 from tacnas.searchspace.arch import ArchConfig  # noqa: E402
 from tacnas.searchspace.build import student_config  # noqa: E402
 
@@ -150,21 +150,21 @@ def main() -> int:
                            timeout=None)
                 results["seconds"][key] = time.perf_counter() - t0
                 save()
-            best = max(best_trials(study), key=lambda t: t.user_attrs["score"])
+            best = best_trial(study)
             rows[f"{tag}/{sampler}"] = {
                 "budget": s, "method": f"{sampler} search", "arch": arch_of(best).to_dict(),
-                "layers": None, "proxy": best.user_attrs["score"], "trial": best.number,
+                "layers": None, "proxy": TrialRecord.read(best).score, "trial": best.number,
                 "study_budget_ms": study.user_attrs["budget_ms"]}
             if s == args.fidelity_budget:
                 seen = set()
                 for t in study.get_trials(deepcopy=False):
-                    a = t.user_attrs
-                    if a.get("status") in TRAINED and a["arch_name"] not in seen and \
+                    r = TrialRecord.read(t)
+                    if r.trained and r.arch_name not in seen and \
                             (sampler == "tpe" or t.number == best.number):
-                        seen.add(a["arch_name"])
-                        rows.setdefault(f"fidelity/{a['arch_name']}", {
-                            "budget": s, "method": "fidelity", "arch": a["arch"],
-                            "layers": None, "proxy": a["score"]})
+                        seen.add(r.arch_name)
+                        rows.setdefault(f"fidelity/{r.arch_name}", {
+                            "budget": s, "method": "fidelity", "arch": r.arch.to_dict(),
+                            "layers": None, "proxy": r.score})
 
     # 3. the same final distillation for every student (each arch + layers once)
     done = {}

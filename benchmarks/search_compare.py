@@ -31,16 +31,15 @@ from real_task import latency_pass  # noqa: E402  (benchmarks/ is the script's f
 from tacnas.nas.config import load_config  # noqa: E402
 from tacnas.nas.differentiable import differentiable_search  # noqa: E402
 from tacnas.nas.distill import distill  # noqa: E402
-from tacnas.nas.optuna_search import (  # noqa: E402
-    TRAINED,
-    arch_of,
-    best_trials,
+from tacnas.nas.optuna_search import run_search  # noqa: E402
+from tacnas.nas.pipeline import prepare  # noqa: E402
+from tacnas.nas.record import TrialRecord  # noqa: E402
+from tacnas.nas.report import table as text_table  # noqa: E402
+from tacnas.nas.study import (  # noqa: E402
+    best_trial,
     create_or_load,
     default_storage,
-    run_search,
 )
-from tacnas.nas.pipeline import prepare  # noqa: E402
-from tacnas.nas.report import table as text_table  # noqa: E402
 
 METHODS = {
     "differentiable": ["search.strategy=differentiable", "differentiable.steps=400",
@@ -84,22 +83,21 @@ def main() -> int:
                 differentiable_search(run, study, timeout=args.seconds)
             else:
                 left = args.seconds
-                if hasattr(run.proxy, "supernet"):  # its training counts toward the budget
-                    run.proxy.supernet(progress=True)
+                if run.cfg.proxy.kind == "supernet":  # its training counts toward the budget
+                    run.proxy.prepare(progress=True)
                     left -= time.perf_counter() - t0
                     supernet_s = time.perf_counter() - t0
                 run_search(run, study, n_trials=None, timeout=max(1.0, left))
-            trained = [t for t in study.get_trials(deepcopy=False)
-                       if t.user_attrs.get("status") in TRAINED]
-            secs = sorted(t.user_attrs["train_seconds"] for t in trained
-                          if "train_seconds" in t.user_attrs)
+            trained = [r for t in study.get_trials(deepcopy=False)
+                       if (r := TrialRecord.read(t)).status is not None and r.status.counts]
+            secs = sorted(r.train_seconds for r in trained if r.train_seconds is not None)
             results[method] = {"wall_s": time.perf_counter() - t0, "trained": len(trained),
                                "budget_ms": study.user_attrs["budget_ms"],
                                "proxy_s": secs[len(secs) // 2] if secs else None,
                                "supernet_s": supernet_s}
             save()
-        best = max(best_trials(study), key=lambda t: t.user_attrs["score"])
-        found[method] = (arch_of(best), best.user_attrs["score"], best.user_attrs)
+        best = TrialRecord.read(best_trial(study))
+        found[method] = (best.arch, best.score, best)
         run.meter.close()
 
     # the same final distillation (the last run's data and teacher are the shared ones)
@@ -141,11 +139,11 @@ def main() -> int:
                       "search score", "dev acc", "test acc", "% of teacher"], rows))
     diff = found.get("differentiable")
     if diff:
-        attrs = diff[2]
-        print(f"\ndifferentiable: {attrs['steps']} steps, derived {attrs['arch_name']} "
-              f"({attrs['derived']}); predicted {attrs['predicted_ms'] * attrs['latency_scale']:.2f}"
-              f" ms against the search's budget {attrs['budget_ms']:.2f} ms; final entropy "
-              + ", ".join(f"{k} {v:.2f}" for k, v in attrs["final_entropy"].items()))
+        r = diff[2]
+        print(f"\ndifferentiable: {r.extra['steps']} steps, derived {r.arch_name} "
+              f"({r.extra['derived']}); predicted {r.predicted_ms * r.latency_scale:.2f}"
+              f" ms against the search's budget {r.budget_ms:.2f} ms; final entropy "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r.extra["final_entropy"].items()))
     for method, r in results.items():
         if isinstance(r, dict) and r.get("supernet_s"):
             print(f"{method}: supernet trained once in {r['supernet_s']:.0f} s (part of its wall s)")

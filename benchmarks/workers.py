@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import optuna  # noqa: E402
 
-from tacnas.nas.optuna_search import open_storage  # noqa: E402
+from tacnas.nas.record import TrialRecord  # noqa: E402
 from tacnas.nas.report import table  # noqa: E402
+from tacnas.nas.study import open_storage  # noqa: E402
 from tests import postgres, tiny_assets  # noqa: E402
 
 
@@ -65,12 +66,13 @@ def run_workers(project: Path, url: str, k: int, n_trials: int, steps: int) -> l
             raise SystemExit(f"worker failed:\n{err[-3000:]}")
     wall = time.perf_counter() - t0
     s = optuna.load_study(study_name=study, storage=url)
-    trained = [t for t in s.trials if t.user_attrs.get("status") == "trained"]
-    names = [t.user_attrs["arch_name"] for t in trained]
+    records = [TrialRecord.read(t) for t in s.trials]
+    trained = [r for r in records if r.trained]
+    names = [r.arch_name for r in trained]
     starts = [t.datetime_start for t in s.trials if t.datetime_start]
     ends = [t.datetime_complete for t in s.trials if t.datetime_complete]
     busy = (max(ends) - min(starts)).total_seconds()
-    workers = {t.user_attrs.get("worker") for t in s.trials}
+    workers = {r.worker for r in records}
     return [str(k), str(len(trained)), str(len(s.trials)), str(len(workers)),
             str(len(names) - len(set(names))), f"{wall:.0f}", f"{busy:.0f}",
             f"{60 * len(trained) / busy:.2f}"]

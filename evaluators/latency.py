@@ -15,18 +15,20 @@ Two effects of this shared machine shape how (both measured here):
 
 Latency does not depend on the weights, so a candidate (and the teacher) is measured as a
 randomly initialised model built from its config; results are cached per architecture for the
-life of the meter. The latency model (``evaluators.latency_model``) profiles blocks in the same
-kind of worker, in the same units, and predicts the rest.
+life of the meter. The latency model profiles blocks in the same kind of worker, in the same units
+(``evaluators/profile.py``), and predicts the rest (``evaluators/latency_table.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -151,39 +153,63 @@ def measure_ms(model, *, batch_size: int, seq_len: int, threads: int, warmup: in
 
 # ------------------------------------------------------------------------------ the subprocess
 
-_REFERENCE: dict[tuple, object] = {}
+
+@dataclass(frozen=True)
+class Settings:
+    """How a latency is measured: the budget's shape and the timing protocol."""
+
+    batch_size: int
+    seq_len: int
+    threads: int
+    warmup: int = 5
+    repeats: int = 20
+    rounds: int = 3
+    backend: str = "torch"
+
+    def timing(self) -> dict:
+        return dict(threads=self.threads, warmup=self.warmup, repeats=self.repeats,
+                    rounds=self.rounds)
 
 
-def reference_call(batch_size: int, seq_len: int, backend: str = "torch", threads: int = 1):
+# The latency subprocess's built runners, kept across calls: the reference of each shape, and
+# the models and probes a sweep times again (``keep``); ``forget`` drops all but the references.
+_KEPT: dict[tuple, tuple] = {}
+
+
+def kept(key: tuple, build) -> tuple:
+    if key not in _KEPT:
+        _KEPT[key] = build()
+    return _KEPT[key]
+
+
+def forget() -> None:
+    for k in [k for k in _KEPT if k[0] != "reference"]:
+        del _KEPT[k]
+
+
+def reference(s: Settings):
     """The worker's reference pass at this shape (built once per process, fixed weights)."""
-    key = (batch_size, seq_len, backend, threads)
-    if key not in _REFERENCE:
+    def build():
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**REFERENCE))
-        module, inputs = model_inputs(model, batch_size, seq_len)
-        _REFERENCE[key] = make_runner(module, inputs, backend=backend, threads=threads)
-    return _REFERENCE[key]
+        module, inputs = model_inputs(model, s.batch_size, s.seq_len)
+        return (make_runner(module, inputs, backend=s.backend, threads=s.threads),)
+
+    return kept(("reference", s.batch_size, s.seq_len, s.backend, s.threads), build)[0]
 
 
-def runner_in_worker(module, inputs, settings: dict):
-    return make_runner(module, inputs, backend=settings.get("backend", "torch"),
-                       threads=settings["threads"])
+def runner(module, inputs, s: Settings):
+    return make_runner(module, inputs, backend=s.backend, threads=s.threads)
 
 
-def ratio_in_worker(fn, settings: dict) -> tuple[float, float]:
-    s = dict(settings)
-    ref = reference_call(s.pop("batch_size"), s.pop("seq_len"), s.pop("backend", "torch"),
-                         s["threads"])
-    return time_ratio(fn, ref, **s)
+def against_reference(fn, s: Settings) -> tuple[float, float]:
+    """``fn`` timed against the reference: ``(ratio, reference ms)`` (see ``time_ratio``)."""
+    return time_ratio(fn, reference(s), **s.timing())
 
 
-def _calibrate(settings: dict) -> float:
+def _calibrate(s: Settings) -> float:
     """The reference's own time: the lowest of ``rounds`` medians (at least 5)."""
-    s = dict(settings)
-    ref = reference_call(s.pop("batch_size"), s.pop("seq_len"), s.pop("backend", "torch"),
-                         s["threads"])
-    s["rounds"] = max(5, s["rounds"])
-    return time_call(ref, **s)
+    return time_call(reference(s), **{**s.timing(), "rounds": max(5, s.rounds)})
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -198,17 +224,22 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _measure_in_worker(config: dict | None, folder: str | None,
-                       settings: dict) -> tuple[float, float]:
-    """Runs in the latency subprocess: build from a config dict (random weights) or load a folder."""
-    if folder is not None:
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
-    else:
-        torch.manual_seed(0)
-        cfg = AutoConfig.for_model(**config)
-        model = AutoModelForSequenceClassification.from_config(cfg)
-    module, inputs = model_inputs(model, settings["batch_size"], settings["seq_len"])
-    return ratio_in_worker(runner_in_worker(module, inputs, settings), settings)
+def _measure_in_worker(config: dict | None, folder: str | None, s: Settings,
+                       keep: str | None = None) -> tuple[float, float]:
+    """Runs in the latency subprocess: a model built from a config dict (random weights) or
+    loaded from a folder, against the reference; with ``keep``, built once and kept under that
+    name for the next sweep."""
+    def build():
+        if folder is not None:
+            model = AutoModelForSequenceClassification.from_pretrained(folder)
+        else:
+            torch.manual_seed(0)
+            model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**config))
+        module, inputs = model_inputs(model, s.batch_size, s.seq_len)
+        return (runner(module, inputs, s),)
+
+    fn = kept(("model", keep), build)[0] if keep is not None else build()[0]
+    return against_reference(fn, s)
 
 
 class LatencyMeter:
@@ -221,8 +252,8 @@ class LatencyMeter:
                  threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3,
                  unit_ms: float | None = None, backend: str = "torch"):
         self.teacher_config = teacher_config
-        self.settings = dict(batch_size=batch_size, seq_len=seq_len, threads=threads,
-                             warmup=warmup, repeats=repeats, rounds=rounds, backend=backend)
+        self.settings = Settings(batch_size=batch_size, seq_len=seq_len, threads=threads,
+                                 warmup=warmup, repeats=repeats, rounds=rounds, backend=backend)
         self.unit_ms = unit_ms
         self._pool: ProcessPoolExecutor | None = None
         self._cache: dict[ArchConfig, float] = {}
@@ -240,15 +271,28 @@ class LatencyMeter:
             self.unit_ms = self.call(_calibrate, self.settings)
         return self.unit_ms
 
-    def _run(self, config: dict | None = None, folder: str | None = None) -> float:
-        unit = self.unit()
-        ratio, _ = self.call(_measure_in_worker, config, folder, self.settings)
-        return ratio * unit
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+    # -- one timing against the reference, for sweeps (profiling, benchmarks)
+    def arch_ratio(self, arch: ArchConfig, *, rounds: int = 1) -> tuple[float, float]:
+        """``(ratio to the reference, reference ms)`` of ``arch`` in ``rounds`` rounds; the
+        model stays built in the worker until ``forget``."""
+        config = student_config(arch, self.teacher_config).to_dict()
+        return self.call(_measure_in_worker, config, None,
+                         dataclasses.replace(self.settings, rounds=rounds), arch.name)
+
+    def forget(self) -> None:
+        """Drop the models and probes the worker keeps for sweeps."""
+        self.call(forget)
+
+    # -- latencies in ms (of the unit)
+    def _run(self, config: dict | None = None, folder: str | None = None) -> float:
+        unit = self.unit()
+        ratio, _ = self.call(_measure_in_worker, config, folder, self.settings)
+        return ratio * unit
 
     def teacher_ms(self) -> float:
         return self._run(config=self.teacher_config.to_dict())

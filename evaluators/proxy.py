@@ -17,7 +17,13 @@ from transformers import PreTrainedModel
 
 from tacnas.evaluators.data import TaskData
 from tacnas.evaluators.metrics import compute_metrics
-from tacnas.evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
+from tacnas.evaluators.training import (
+    kd_loss,
+    make_optimizer,
+    optimizer_step,
+    predict_logits,
+    shuffled_batches,
+)
 from tacnas.searchspace.arch import ArchConfig
 from tacnas.searchspace.build import build_student
 
@@ -62,6 +68,9 @@ class DistillationProxy:
         self.temperature, self.alpha_ce = temperature, alpha_ce
         self.eval_every, self.init, self.seed = eval_every, init, seed
 
+    def prepare(self, *, progress: bool = True) -> None:
+        """Whatever is done once before the candidates (nothing here)."""
+
     def initial_model(self, arch: ArchConfig, *, progress: bool = False) -> PreTrainedModel:
         """The candidate before its KD steps: teacher-initialised (or random)."""
         return build_student(arch, self.teacher, init=self.init, seed=self.seed)
@@ -94,11 +103,7 @@ class DistillationProxy:
             out = model(**self.data.train.batch(idx)).logits
             loss = kd_loss(out, self.train_logits[idx], self.data.train.labels[idx],
                            temperature=self.temperature, alpha_ce=self.alpha_ce)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(loss, opt, params=model.parameters(), scheduler=sched)
             if self.eval_every and step % self.eval_every == 0 and step < self.steps:
                 s = self.score(model)[metric]
                 curve.append((step, s))
@@ -136,6 +141,10 @@ class SupernetProxy(DistillationProxy):
             self._net = train_supernet(self, progress=progress)
         return self._net
 
+    def prepare(self, *, progress: bool = True) -> None:
+        """Train (or load) the supernet once, before the candidates."""
+        self.supernet(progress=progress)
+
     def initial_model(self, arch: ArchConfig, *, progress: bool = False) -> PreTrainedModel:
         return self.supernet(progress=progress).extract(arch)
 
@@ -165,9 +174,7 @@ def train_supernet(proxy: SupernetProxy, *, progress: bool):
     rng = random.Random(proxy.seed)
     picks = [rng.randrange(len(archs)) for _ in range(proxy.supernet_steps)]
     batches = shuffled_batches(len(proxy.data.train), proxy.batch_size, proxy.seed,
-                               proxy.data.train.lengths)
-    for _ in range(step):
-        next(batches)
+                               proxy.data.train.lengths, start=step)
     net.train()
     bar = tqdm(total=proxy.supernet_steps, initial=step, desc="train supernet", unit="step",
                disable=not progress)
@@ -176,10 +183,7 @@ def train_supernet(proxy: SupernetProxy, *, progress: bool):
         out = net(archs[picks[step]], **proxy.data.train.batch(idx)).logits
         loss = kd_loss(out, proxy.train_logits[idx], proxy.data.train.labels[idx],
                        temperature=proxy.temperature, alpha_ce=proxy.alpha_ce)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        optimizer_step(loss, opt, params=net.parameters())
         step += 1
         bar.update(1)
         if step % 100 == 0 or step == proxy.supernet_steps:

@@ -25,7 +25,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from tacnas.errors import UserError
 from tacnas.evaluators.data import Split, TaskData
 from tacnas.evaluators.metrics import compute_metrics
-from tacnas.evaluators.training import make_optimizer, predict_logits, shuffled_batches
+from tacnas.evaluators.training import (
+    make_optimizer,
+    optimizer_step,
+    predict_logits,
+    shuffled_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +159,7 @@ def _finetune(cfg, source: str, tokenizer, data: TaskData, folder: Path, recipe:
     for _ in bar:
         idx = next(batches)
         loss = model(**data.train.batch(idx), labels=data.train.labels[idx]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, opt, params=model.parameters(), scheduler=sched)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     dev = compute_metrics(predict_logits(model, data.dev), data.dev.labels)

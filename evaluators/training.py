@@ -1,4 +1,6 @@
-"""The small training toolkit shared by teacher fine-tuning and the distillation proxy."""
+"""The training toolkit of every trainer (teacher fine-tuning, the distillation proxy, the
+supernet, the differentiable search, the final distillation): one resumable batch stream, one
+KD loss, one optimizer step."""
 
 from __future__ import annotations
 
@@ -11,14 +13,22 @@ from transformers import get_linear_schedule_with_warmup
 from tacnas.evaluators.data import Split
 
 
-def shuffled_batches(n: int, batch_size: int, seed: int,
-                     lengths: torch.Tensor | None = None, group: int = 50) -> Iterator[torch.Tensor]:
-    """Index batches forever, reshuffled every epoch by a seeded generator.
+def shuffled_batches(n: int, batch_size: int, seed: int, lengths: torch.Tensor | None = None,
+                     group: int = 50, *, start: int = 0) -> Iterator[torch.Tensor]:
+    """Index batches forever, reshuffled every epoch by a seeded generator; ``start`` skips
+    that many batches, so a resumed run sees the batches an uninterrupted one would.
 
     With ``lengths``, each run of ``group`` batches is sorted by length before it is cut into
     batches (then the batches are shuffled): rows of a batch have similar lengths, so dynamic
     padding pads little. Batches stay random in content, as in transformers' group_by_length.
     """
+    stream = _batches(n, batch_size, seed, lengths, group)
+    for _ in range(start):
+        next(stream)
+    return stream
+
+
+def _batches(n, batch_size, seed, lengths, group) -> Iterator[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(n, generator=g)
@@ -32,6 +42,19 @@ def shuffled_batches(n: int, batch_size: int, seed: int,
             batches = [b for b in batches if len(b) == batch_size]
         for k in torch.randperm(len(batches), generator=g).tolist():
             yield batches[k]
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, *, params=None, scheduler=None,
+                   max_norm: float | None = 1.0) -> None:
+    """The one update every trainer makes: backward, clip the gradient norm of ``params`` to
+    ``max_norm`` (None: no clipping), step, advance the schedule, clear the gradients."""
+    loss.backward()
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def make_optimizer(model, *, lr: float, steps: int, warmup_ratio: float, weight_decay: float = 0.01):

@@ -29,10 +29,13 @@ the last one at the same step, with the same batches and random state.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 
 import optuna
 import torch
@@ -41,22 +44,66 @@ from tqdm.auto import tqdm
 
 from tacnas.errors import UserError
 from tacnas.evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
-from tacnas.evaluators.latency_model import ExpectedLatency
+from tacnas.evaluators.latency_table import LatencyTable
 from tacnas.evaluators.metrics import compute_metrics
-from tacnas.evaluators.training import kd_loss, predict_logits, shuffled_batches
-from tacnas.nas.optuna_search import (
-    TRAINED,
-    WORKER,
-    Objective,
-    checkpoint_dir,
-    resolve_budget,
-    run_folder,
-)
+from tacnas.evaluators.training import kd_loss, optimizer_step, predict_logits, shuffled_batches
+from tacnas.nas.budget import Budget
 from tacnas.nas.pipeline import Run
+from tacnas.nas.record import WORKER, TrialRecord, TrialStatus
+from tacnas.nas.study import checkpoint_dir, run_folder
 from tacnas.searchspace.arch import ArchConfig, InvalidArch
+from tacnas.searchspace.space import ALL, HIDDEN, SearchSpace
 from tacnas.searchspace.supernet import Supernet
 
 log = logging.getLogger(__name__)
+
+
+class ExpectedLatency:
+    """The latency model as a differentiable function of one categorical distribution per
+    dimension of the space: ``E[latency] = sum over every combination of choices of
+    prediction(combination) * prod_d p_d(choice_d)``. At one-hot distributions it is exactly
+    ``table.predict_ms`` of that architecture.
+
+    Combinations that are not an architecture (an embedding wider than the hidden size, groups
+    that do not divide the layers, heads that do not divide the hidden size) take the space's
+    largest latency, so that mass on them is never attractive.
+    """
+
+    def __init__(self, table: LatencyTable, space: SearchSpace):
+        self.dims: list[tuple[str, tuple]] = list(space.choices().items())
+        values, valid = [], []
+        for combo in itertools.product(*(c for _, c in self.dims)):
+            d = dict(zip((n for n, _ in self.dims), combo))
+            layers, hidden, ffn = d["num_layers"], d["hidden_size"], d["intermediate_size"]
+            heads = d.get("num_heads") or hidden // (space.head_size or 1)
+            emb = hidden if d["embedding_size"] == HIDDEN else d["embedding_size"]
+            groups = layers if d["num_hidden_groups"] == ALL else d["num_hidden_groups"]
+            ok = emb <= hidden and layers % groups == 0 and hidden % heads == 0
+            if ok:
+                arch = ArchConfig(layers, hidden, heads, ffn, emb, groups)
+                values.append(table.predict_ms(arch))
+            else:
+                values.append(math.nan)
+            valid.append(ok)
+        grid = torch.tensor(values, dtype=torch.float64)
+        worst = grid[torch.tensor(valid)].max() if any(valid) else torch.tensor(0.0)
+        grid = torch.where(torch.tensor(valid), grid, worst)
+        self.grid = grid.reshape([len(c) for _, c in self.dims])
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.dims]
+
+    def __call__(self, probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``probs[name]``: a 1-D distribution over that dimension's choices (space order)."""
+        out = self.grid.to(next(iter(probs.values())).dtype)
+        for name, choices in self.dims:  # contract one leading dimension at a time
+            p = probs[name]
+            if p.shape != (len(choices),):
+                raise ValueError(f"probs[{name!r}] has shape {tuple(p.shape)}, "
+                                 f"expected ({len(choices)},)")
+            out = torch.tensordot(p, out, dims=([0], [0]))
+        return out
 
 
 class ArchParams(torch.nn.Module):
@@ -109,15 +156,14 @@ def _gates(net: Supernet, alpha: ArchParams, tau: float, tries: int = 100):
     raise RuntimeError("no valid architecture drawn in 100 tries")
 
 
-def derive(run: Run, net: Supernet, alpha: ArchParams, budget_ms: float | None,
-           objective: Objective) -> tuple[ArchConfig, str]:
-    """The most likely architecture within every budget (see the module docstring)."""
+def derive(run: Run, net: Supernet, alpha: ArchParams, budget: Budget) -> tuple[ArchConfig, str]:
+    """The most likely architecture within every budget (see the module docstring). Each
+    candidate passes the search's own check (the prediction, or a cached measurement within the
+    guard band), so the derived architecture passes the check it is recorded with."""
     probs = {n: p.detach().log_softmax(-1) for n, p in alpha.logits.items()}
 
     def fits(arch: ArchConfig) -> bool:
-        # the search's own check: the prediction, or a measurement (cached) within the guard
-        # band of the budget, so the derived architecture passes the check it is recorded with
-        return max(objective._violations(objective.latency(arch)[0], run.params_of(arch))) <= 0
+        return budget.check(arch).fits
 
     top = _valid(net, {n: int(p.argmax()) for n, p in probs.items()})
     if top is not None and fits(top):
@@ -130,7 +176,8 @@ def derive(run: Run, net: Supernet, alpha: ArchParams, budget_ms: float | None,
         if lp > best_lp and fits(arch):
             best, best_lp = arch, lp
     if best is None:
-        within = f"{budget_ms:.2f} ms" if budget_ms is not None else "budget.max_params"
+        within = (f"{budget.budget_ms:.2f} ms" if budget.budget_ms is not None
+                  else "budget.max_params")
         raise UserError(f"budget: no architecture of the space fits the budget ({within}); "
                         "relax the budget or add smaller choices to space")
     return best, ("the most likely within the budget (the most likely overall, "
@@ -150,60 +197,92 @@ def _params_of(net: Supernet, arch: ArchConfig) -> dict:
     return out
 
 
-def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | None = None) -> dict:
-    """Run (or resume) the search, derive the architecture, record it in ``study``.
-    ``timeout`` (seconds of this process) ends the steps early; the architecture is then
-    derived from the distributions as they stand."""
-    cfg, d, p = run.cfg, run.cfg.differentiable, run.cfg.proxy
-    done = [t for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get("strategy") == "differentiable"
-            and t.user_attrs.get("status") in TRAINED]
-    if done:
-        log.info("study %s already holds the derived architecture (trial %d)",
-                 study.study_name, done[0].number)
-        return {"trained": 1, "target": 1, "exhausted": False,
-                "budget_ms": study.user_attrs.get("budget_ms"), "trial": done[0].number}
-    if run.table is None:
-        raise UserError("search.strategy: differentiable needs the latency model "
-                        "(budget.latency: predict)")
-    if d.warmup_steps >= d.steps:
-        raise UserError(f"differentiable.warmup_steps={d.warmup_steps}: must be below "
-                        f"differentiable.steps={d.steps}, or no architecture step is taken")
-    budget_ms = resolve_budget(run, study)
-    objective = Objective(run, study, budget_ms=budget_ms)
-    torch.manual_seed(cfg.seed)
+
+
+@dataclasses.dataclass
+class _Search:
+    """The search's trainable parts, optimizers, checkpoint folder and progress state."""
+
+    net: Supernet
+    alpha: ArchParams
+    expected: ExpectedLatency
+    opt_w: torch.optim.Optimizer
+    opt_a: torch.optim.Optimizer
+    folder: object
+    state: dict
+
+    def save(self) -> None:
+        save_checkpoint(self.folder, modules={"supernet": self.net, "arch": self.alpha},
+                        objects={"opt_w": self.opt_w, "opt_a": self.opt_a}, state=self.state)
+
+
+def _start(run: Run, study: optuna.Study) -> _Search:
+    """A fresh search, or the one checkpointed in the study's run folder."""
+    d = run.cfg.differentiable
+    torch.manual_seed(run.cfg.seed)
     net = Supernet(run.space, run.teacher.model)
     alpha = ArchParams(net.dims())
-    expected = ExpectedLatency(run.table, run.space)
+    expected = ExpectedLatency(run.latency.table, run.space)
     if expected.names != list(alpha.choices):
         raise UserError("space: the differentiable search needs a fixed head size "
                         "(space.head_size: teacher or an int)")
-    opt_w = torch.optim.AdamW(net.parameters(), lr=d.lr, weight_decay=0.01)
-    opt_a = torch.optim.Adam(alpha.parameters(), lr=d.arch_lr, betas=(0.5, 0.999))
-
-    folder = run_folder(cfg.run_dir, study.study_name) / "checkpoints" / "differentiable"
-    state = {"step": 0, "arch_steps": 0, "history": [], "seconds": 0.0}
-    parts = {"modules": {"supernet": net, "arch": alpha},
-             "objects": {"opt_w": opt_w, "opt_a": opt_a}}
-    saved = read_state(folder)
+    search = _Search(
+        net, alpha, expected, torch.optim.AdamW(net.parameters(), lr=d.lr, weight_decay=0.01),
+        torch.optim.Adam(alpha.parameters(), lr=d.arch_lr, betas=(0.5, 0.999)),
+        run_folder(run.cfg.run_dir, study.study_name) / "checkpoints" / "differentiable",
+        {"step": 0, "arch_steps": 0, "history": [], "seconds": 0.0})
+    saved = read_state(search.folder)
     if saved is not None:
-        state = saved
-        load_checkpoint(folder, **parts)
-        log.info("resuming the differentiable search at step %d of %d", state["step"], d.steps)
+        search.state = saved
+        load_checkpoint(search.folder, modules={"supernet": net, "arch": alpha},
+                        objects={"opt_w": search.opt_w, "opt_a": search.opt_a})
+        log.info("resuming the differentiable search at step %d of %d", saved["step"], d.steps)
+    return search
 
-    data = run.data
-    train = shuffled_batches(len(data.train), d.batch_size, cfg.seed, data.train.lengths)
-    dev = shuffled_batches(len(data.dev), d.batch_size, cfg.seed + 1, data.dev.lengths)
-    for _ in range(state["step"]):
-        next(train)
-    for _ in range(state["arch_steps"]):
-        next(dev)
-    scale = run.latency_scale
-    bar = tqdm(total=d.steps, initial=state["step"], desc=f"differentiable {study.study_name}",
+
+def _step(run: Run, s: _Search, budget_ms: float | None, train, dev) -> dict:
+    """One weight step and, after the warm-up, one architecture step; what to log."""
+    d, p, data = run.cfg.differentiable, run.cfg.proxy, run.data
+    step = s.state["step"]
+    tau = d.tau_start * (d.tau_end / d.tau_start) ** (step / max(1, d.steps - 1))
+    warm = step < d.warmup_steps
+    # 1. weights: the slice of a drawn architecture on a train batch
+    arch = _draw(s.net, s.alpha, uniform=warm)
+    idx = next(train)
+    logits = s.net(arch, **data.train.batch(idx)).logits
+    loss_w = kd_loss(logits, run.proxy.train_logits[idx], data.train.labels[idx],
+                     temperature=p.temperature, alpha_ce=p.alpha_ce)
+    optimizer_step(loss_w, s.opt_w, params=s.net.parameters())
+    out = {"tau": tau, "kd_train": loss_w.detach().item()}
+    if warm:
+        return out
+    # 2. architecture: gated supernet on a dev batch, KD + latency hinge
+    gates = _gates(s.net, s.alpha, tau)
+    didx = next(dev)
+    s.state["arch_steps"] += 1
+    logits = s.net.gated_forward(gates, **data.dev.batch(didx))
+    l_kd = kd_loss(logits, run.proxy.dev_logits[didx], data.dev.labels[didx],
+                   temperature=p.temperature, alpha_ce=p.alpha_ce)
+    e_lat = s.expected(s.alpha.probs()) * run.latency.scale
+    l_lat = torch.relu(e_lat / budget_ms - 1.0) if budget_ms else e_lat * 0
+    optimizer_step(l_kd + d.latency_weight * l_lat, s.opt_a, max_norm=None)
+    s.opt_w.zero_grad(set_to_none=True)  # the weights are not moved by dev data
+    return {**out, "kd_dev": l_kd.detach().item(), "expected_ms": e_lat.detach().item()}
+
+
+def _train(run: Run, s: _Search, budget_ms: float | None, timeout: float | None,
+           name: str) -> bool:
+    """Steps until ``differentiable.steps`` or ``timeout``; True if it timed out."""
+    d, data, state = run.cfg.differentiable, run.data, s.state
+    train = shuffled_batches(len(data.train), d.batch_size, run.cfg.seed, data.train.lengths,
+                             start=state["step"])
+    dev = shuffled_batches(len(data.dev), d.batch_size, run.cfg.seed + 1, data.dev.lengths,
+                           start=state["arch_steps"])
+    bar = tqdm(total=d.steps, initial=state["step"], desc=f"differentiable {name}",
                unit="step", disable=not run.progress)
     start = time.perf_counter() - state["seconds"]
     began = time.perf_counter()
-    net.train()
+    s.net.train()
     timed_out = False
     while state["step"] < d.steps:
         if timeout is not None and time.perf_counter() - began > timeout:
@@ -211,89 +290,89 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
             log.warning("timeout: the differentiable search stops at step %d of %d",
                         state["step"], d.steps)
             state["seconds"] = time.perf_counter() - start
-            save_checkpoint(folder, **parts, state=state)
+            s.save()
             break
-        step = state["step"]
-        tau = d.tau_start * (d.tau_end / d.tau_start) ** (step / max(1, d.steps - 1))
-        warm = step < d.warmup_steps
-        # 1. weights: the slice of a drawn architecture on a train batch
-        arch = _draw(net, alpha, uniform=warm)
-        idx = next(train)
-        logits = net(arch, **data.train.batch(idx)).logits
-        loss_w = kd_loss(logits, run.proxy.train_logits[idx], data.train.labels[idx],
-                         temperature=p.temperature, alpha_ce=p.alpha_ce)
-        opt_w.zero_grad(set_to_none=True)
-        loss_w.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt_w.step()
-        opt_w.zero_grad(set_to_none=True)
-        # 2. architecture: gated supernet on a dev batch, KD + latency hinge
-        record = None
-        if not warm:
-            gates = _gates(net, alpha, tau)
-            didx = next(dev)
-            state["arch_steps"] += 1
-            logits = net.gated_forward(gates, **data.dev.batch(didx))
-            l_kd = kd_loss(logits, run.proxy.dev_logits[didx], data.dev.labels[didx],
-                           temperature=p.temperature, alpha_ce=p.alpha_ce)
-            e_lat = expected(alpha.probs()) * scale
-            l_lat = torch.relu(e_lat / budget_ms - 1.0) if budget_ms else e_lat * 0
-            loss_a = l_kd + d.latency_weight * l_lat
-            opt_a.zero_grad(set_to_none=True)
-            loss_a.backward()
-            opt_a.step()
-            opt_w.zero_grad(set_to_none=True)  # the weights are not moved by dev data
-            record = {"kd_dev": float(l_kd), "expected_ms": float(e_lat)}
+        logged = _step(run, s, budget_ms, train, dev)
         state["step"] += 1
         bar.update(1)
         if state["step"] % d.log_every == 0 or state["step"] == d.steps:
-            ent = alpha.entropy()
+            ent = s.alpha.entropy()
             with torch.no_grad():
-                e_ms = float(expected(alpha.probs()) * scale)
-            state["history"].append({"step": state["step"], "tau": tau, "kd_train": float(loss_w),
-                                     "expected_ms": e_ms, "entropy": ent,
-                                     "probs": alpha.readable(), **(record or {})})
-            bar.set_postfix(kd=f"{float(loss_w):.3f}", ms=f"{e_ms:.2f}",
+                e_ms = float(s.expected(s.alpha.probs()) * run.latency.scale)
+            entry = {"step": state["step"], "tau": logged["tau"],
+                     "kd_train": logged["kd_train"], "expected_ms": e_ms, "entropy": ent,
+                     "probs": s.alpha.readable()}
+            # an architecture step's own figures (its expected latency before the update)
+            entry.update({k: logged[k] for k in ("kd_dev", "expected_ms") if k in logged})
+            state["history"].append(entry)
+            bar.set_postfix(kd=f"{logged['kd_train']:.3f}", ms=f"{e_ms:.2f}",
                             H=f"{sum(ent.values()):.2f}")
         if state["step"] % d.checkpoint_every == 0 or state["step"] == d.steps:
             state["seconds"] = time.perf_counter() - start
-            save_checkpoint(folder, **parts, state=state)
+            s.save()
     bar.close()
-    train_seconds = state["seconds"]
+    return timed_out
 
-    # derive, check, record
-    arch, how = derive(run, net, alpha, budget_ms, objective)
-    latency, source = objective.latency(arch)  # measured if within the guard band
-    model = net.extract(arch)
-    metrics = compute_metrics(predict_logits(model, data.dev), data.dev.labels,
+
+def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | None = None) -> dict:
+    """Run (or resume) the search, derive the architecture, record it in ``study``.
+    ``timeout`` (seconds of this process) ends the steps early; the architecture is then
+    derived from the distributions as they stand."""
+    d = run.cfg.differentiable
+    done = [t for t in study.get_trials(deepcopy=False)
+            if (r := TrialRecord.read(t)).strategy == "differentiable" and r.status is not None
+            and r.status.counts]
+    if done:
+        log.info("study %s already holds the derived architecture (trial %d)",
+                 study.study_name, done[0].number)
+        return {"trained": 1, "target": 1, "exhausted": False,
+                "budget_ms": study.user_attrs.get("budget_ms"), "trial": done[0].number}
+    if run.latency.source != "predicted":
+        raise UserError("search.strategy: differentiable needs the latency model "
+                        "(budget.latency: predict)")
+    if d.warmup_steps >= d.steps:
+        raise UserError(f"differentiable.warmup_steps={d.warmup_steps}: must be below "
+                        f"differentiable.steps={d.steps}, or no architecture step is taken")
+    budget = Budget.resolve(run, study)
+    search = _start(run, study)
+    timed_out = _train(run, search, budget.budget_ms, timeout, study.study_name)
+    try:
+        return _record(run, study, search, budget, timed_out)
+    finally:
+        run.meter.close()
+
+
+def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out: bool) -> dict:
+    """Derive the architecture, score its extracted slice, write it into the study as a trial."""
+    arch, how = derive(run, s.net, s.alpha, budget)
+    v = budget.check(arch)  # measured if within the guard band
+    model = s.net.extract(arch)
+    metrics = compute_metrics(predict_logits(model, run.data.dev), run.data.dev.labels,
                               run.proxy.dev_logits)
-    score = metrics[data.metric]
-    study.enqueue_trial(_params_of(net, arch))
+    score = metrics[run.data.metric]
+    study.enqueue_trial(_params_of(s.net, arch))
     trial = study.ask()
     sampled = run.space.sample(trial)
     if sampled != arch:  # a bug, never a user error
         raise RuntimeError(f"enqueued {arch.name}, the study gave {sampled.name}")
-    attrs = {"worker": WORKER, "strategy": "differentiable", "arch": arch.to_dict(),
-             "arch_name": arch.name, "latency_ms": latency, "latency_source": source,
-             "predicted_ms": run.table.predict_ms(arch), "latency_scale": run.latency_scale,
-             "budget_ms": objective.budget_ms, "params": run.params_of(arch), "score": score,
-             "metrics": metrics, "train_seconds": train_seconds, "derived": how,
-             "final_probs": alpha.readable(), "final_entropy": alpha.entropy(),
-             "steps": state["step"], "timed_out": timed_out, "status": "trained"}
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
-    violation = max(objective._violations(latency, attrs["params"]))
-    trial.set_constraint("budget", violation)
-    model.save_pretrained(checkpoint_dir(cfg.run_dir, study.study_name, trial.number))
-    (folder.parent / "differentiable_history.json").write_text(
-        json.dumps(state["history"], indent=1))
+    TrialRecord(
+        worker=WORKER, strategy="differentiable", status=TrialStatus.TRAINED, arch=arch,
+        latency_ms=v.latency_ms, latency_source=v.source, predicted_ms=v.predicted_ms,
+        latency_scale=v.latency_scale, budget_ms=v.budget_ms, params=v.params, score=score,
+        metrics=metrics, train_seconds=s.state["seconds"],
+        extra={"derived": how, "final_probs": s.alpha.readable(),
+               "final_entropy": s.alpha.entropy(), "steps": s.state["step"],
+               "timed_out": timed_out},
+    ).write(trial)
+    trial.set_constraint("budget", v.violation)
+    model.save_pretrained(checkpoint_dir(run.cfg.run_dir, study.study_name, trial.number))
+    (s.folder.parent / "differentiable_history.json").write_text(
+        json.dumps(s.state["history"], indent=1))
     study.tell(trial, score)
-    if violation > 0:
+    if not v.fits:
         log.warning("%s measured %.2f ms, over the budget of %.2f ms (the model predicted it "
-                    "within): pick another with `status`/`export --trial`", arch.name, latency,
-                    objective.budget_ms)
-    run.meter.close()
-    return {"trained": 1, "target": 1, "exhausted": False, "budget_ms": budget_ms,
+                    "within): pick another with `status`/`export --trial`", arch.name,
+                    v.latency_ms, budget.budget_ms)
+    return {"trained": 1, "target": 1, "exhausted": False, "budget_ms": budget.budget_ms,
             "trial": trial.number, "arch": arch.name, "derived": how, "score": score,
-            "latency_ms": latency, "seconds": train_seconds}
-
+            "latency_ms": v.latency_ms, "seconds": s.state["seconds"]}

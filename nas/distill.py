@@ -32,7 +32,13 @@ from tqdm.auto import tqdm
 from tacnas.errors import UserError
 from tacnas.evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
 from tacnas.evaluators.metrics import compute_metrics
-from tacnas.evaluators.training import kd_loss, make_optimizer, predict_logits, shuffled_batches
+from tacnas.evaluators.training import (
+    kd_loss,
+    make_optimizer,
+    optimizer_step,
+    predict_logits,
+    shuffled_batches,
+)
 from tacnas.nas.pipeline import Run
 from tacnas.searchspace.arch import ArchConfig
 from tacnas.searchspace.build import build_student, student_layers
@@ -158,12 +164,11 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
         if teacher.config.model_type != "bert" or run.cfg.proxy.init != "teacher":
             raise UserError("distill.hidden_weight/attention_weight: intermediate transfer needs a "
                             "BERT teacher and proxy.init: teacher; set both weights to 0")
-    use_hidden, use_attn = d.hidden_weight > 0, d.attention_weight > 0
     torch.manual_seed(run.cfg.seed)
     mapping = student_layers(arch, teacher.config.num_hidden_layers, layers)
     model = build_student(arch, teacher, init=run.cfg.proxy.init, seed=run.cfg.seed,
                           layers=mapping)
-    if use_attn:
+    if d.attention_weight > 0:
         model.set_attn_implementation("eager")
         teacher.set_attn_implementation("eager")
     t_hidden = teacher.config.hidden_size
@@ -175,24 +180,13 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     opt, sched = make_optimizer(params, lr=d.lr, steps=total, warmup_ratio=d.warmup_ratio)
 
     ckpt = out / "checkpoint"
-    state = {"step": 0, "best": None, "best_step": 0, "bad": 0, "curve": [], "seconds": 0.0,
-             "arch": arch.name, "total": total, "layers": mapping}
-    saved = read_state(ckpt)
-    if saved is not None:
-        if [saved.get(k) for k in ("arch", "total", "layers")] != [arch.name, total, mapping]:
-            raise UserError(f"--out {out}: holds a checkpoint of {saved.get('arch')} "
-                            f"({saved.get('total')} steps, teacher layers {saved.get('layers')}); "
-                            "use another --out or delete it")
-        load_checkpoint(ckpt, modules={"weights": params},
-                        objects={"optimizer": opt, "scheduler": sched})
-        state = saved
-        log.info("resuming %s from step %d of %d", arch.name, state["step"], total)
+    state = _resume(ckpt, {"step": 0, "best": None, "best_step": 0, "bad": 0, "curve": [],
+                           "seconds": 0.0, "arch": arch.name, "total": total, "layers": mapping},
+                    modules={"weights": params}, objects={"optimizer": opt, "scheduler": sched})
     best_dir = out / "best"
 
-    batches = shuffled_batches(len(data.train), d.batch_size, run.cfg.seed, data.train.lengths)
-    for _ in range(state["step"]):  # the same batch order as an uninterrupted run
-        next(batches)
-    metric = data.metric
+    batches = shuffled_batches(len(data.train), d.batch_size, run.cfg.seed, data.train.lengths,
+                               start=state["step"])  # the batch order of an uninterrupted run
     bar = tqdm(total=total, initial=state["step"], desc=f"distill {arch.name}", unit="step",
                disable=not run.progress)
     start = time.perf_counter() - state["seconds"]
@@ -202,40 +196,14 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     features = TeacherFeatures(d.feature_cache_gb * 1e9)
     while state["step"] < total and not stopped:
         idx = next(batches)
-        batch = data.train.batch(idx)
-        s_out = model(**batch, output_hidden_states=use_hidden, output_attentions=use_attn)
-        loss = kd_loss(s_out.logits, run.proxy.train_logits[idx], data.train.labels[idx],
-                       temperature=d.temperature, alpha_ce=d.alpha_ce)
-        if use_hidden or use_attn:
-            mask = batch["attention_mask"]
-            targets = features.get(idx, mask.shape[1])
-            if targets is None:
-                with torch.no_grad():
-                    targets = features.rounded(teacher_targets(
-                        teacher(**batch, output_hidden_states=use_hidden,
-                                output_attentions=use_attn), mapping))
-                features.put(idx, mask, targets)
-            h, a = intermediate_losses(s_out, targets, projection, mask)
-            loss = loss + d.hidden_weight * h + d.attention_weight * a
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _loss(run, model, projection, features, idx, mapping)
+        optimizer_step(loss, opt, params=params.parameters(), scheduler=sched)
         state["step"] += 1
         bar.update(1)
         step = state["step"]
         if step % d.eval_every == 0 or step == total:
-            score = compute_metrics(predict_logits(model, data.dev), data.dev.labels)[metric]
-            state["curve"].append([step, score])
-            if state["best"] is None or score > state["best"]:
-                state.update(best=score, best_step=step, bad=0)
-                model.save_pretrained(best_dir)
-            else:
-                state["bad"] += 1
-                stopped = d.patience > 0 and state["bad"] >= d.patience
-            model.train()
-            bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{score:.4f}",
+            stopped = _evaluate(run, model, state, best_dir)
+            bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{state['curve'][-1][1]:.4f}",
                             best=f"{state['best']:.4f}")
         if step % d.checkpoint_every == 0 or step == total or stopped:
             state["seconds"] = time.perf_counter() - start
@@ -256,3 +224,57 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     return write_folder(run, best, arch, out, label=label, budget_ms=budget_ms, search=search,
                         title=f"distilled {arch.name}", extra=extra)
 
+
+def _loss(run: Run, model, projection, features: TeacherFeatures, idx: torch.Tensor,
+          mapping: list[int]) -> torch.Tensor:
+    """The batch's KD loss, plus TinyBERT's hidden-state and attention transfer if asked."""
+    d, data, teacher = run.cfg.distill, run.data, run.teacher.model
+    use_hidden, use_attn = d.hidden_weight > 0, d.attention_weight > 0
+    batch = data.train.batch(idx)
+    s_out = model(**batch, output_hidden_states=use_hidden, output_attentions=use_attn)
+    loss = kd_loss(s_out.logits, run.proxy.train_logits[idx], data.train.labels[idx],
+                   temperature=d.temperature, alpha_ce=d.alpha_ce)
+    if not (use_hidden or use_attn):
+        return loss
+    mask = batch["attention_mask"]
+    targets = features.get(idx, mask.shape[1])
+    if targets is None:
+        with torch.no_grad():
+            targets = features.rounded(teacher_targets(
+                teacher(**batch, output_hidden_states=use_hidden, output_attentions=use_attn),
+                mapping))
+        features.put(idx, mask, targets)
+    h, a = intermediate_losses(s_out, targets, projection, mask)
+    return loss + d.hidden_weight * h + d.attention_weight * a
+
+
+def _evaluate(run: Run, model, state: dict, best_dir: Path) -> bool:
+    """Score on dev; keep the best model; True when ``patience`` evaluations brought nothing."""
+    d, data = run.cfg.distill, run.data
+    score = compute_metrics(predict_logits(model, data.dev), data.dev.labels)[data.metric]
+    state["curve"].append([state["step"], score])
+    stopped = False
+    if state["best"] is None or score > state["best"]:
+        state.update(best=score, best_step=state["step"], bad=0)
+        model.save_pretrained(best_dir)
+    else:
+        state["bad"] += 1
+        stopped = d.patience > 0 and state["bad"] >= d.patience
+    model.train()
+    return stopped
+
+
+def _resume(ckpt: Path, fresh: dict, *, modules: dict, objects: dict) -> dict:
+    """The checkpoint's state (weights, optimizer and RNG loaded), or ``fresh``; a checkpoint
+    of another student, length or layer mapping is refused."""
+    saved = read_state(ckpt)
+    if saved is None:
+        return fresh
+    keys = ("arch", "total", "layers")
+    if [saved.get(k) for k in keys] != [fresh[k] for k in keys]:
+        raise UserError(f"--out {ckpt.parent}: holds a checkpoint of {saved.get('arch')} "
+                        f"({saved.get('total')} steps, teacher layers {saved.get('layers')}); "
+                        "use another --out or delete it")
+    load_checkpoint(ckpt, modules=modules, objects=objects)
+    log.info("resuming %s from step %d of %d", fresh["arch"], saved["step"], fresh["total"])
+    return saved

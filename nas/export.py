@@ -16,51 +16,59 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tacnas.errors import UserError
-from tacnas.evaluators.latency_model import cpu_name
+from tacnas.evaluators.latency_table import cpu_name
 from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.training import predict_logits
-from tacnas.nas.optuna_search import arch_of, best_trials, checkpoint_dir
 from tacnas.nas.pipeline import Run
+from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.nas.report import comparison_text
+from tacnas.nas.study import best_trial, checkpoint_dir
 
 log = logging.getLogger(__name__)
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    """The study's best trial, or trial ``number`` (a duplicate: the trial that trained it)."""
     if number is None:
-        best = best_trials(study)
-        if not best:
+        best = best_trial(study)
+        if best is None:
             raise UserError(f"--study {study.study_name}: no trained candidate within the budget yet")
-        return max(best, key=lambda t: t.user_attrs["score"])
+        return best
     trials = study.get_trials(deepcopy=False)
     if not 0 <= number < len(trials):
         raise UserError(f"--trial {number}: the study has trials 0..{len(trials) - 1}")
     t = trials[number]
-    if t.user_attrs.get("status") == "duplicate":  # the architecture was trained by another trial
-        t = trials[t.user_attrs["duplicate_of"]]
-    if t.user_attrs.get("status") != "trained":
-        raise UserError(
-            f"--trial {number}: it was not trained (status {t.user_attrs.get('status', t.state.name)})"
-            "; pick a trained trial from `status`"
-        )
+    r = TrialRecord.read(t)
+    if r.status is TrialStatus.DUPLICATE:  # the architecture was trained by another trial
+        t = trials[r.duplicate_of]
+        r = TrialRecord.read(t)
+    if not r.trained:
+        status = r.status.value if r.status is not None else t.state.name
+        raise UserError(f"--trial {number}: it was not trained (status {status}); pick a trained "
+                        "trial from `status`")
     return t
 
 
+def search_summary(study_name: str, trial: optuna.trial.FrozenTrial) -> dict:
+    """What the search recorded of a trial, for the export's report."""
+    r = TrialRecord.read(trial)
+    return {"study": study_name, "trial": trial.number, "search_latency_ms": r.latency_ms,
+            "search_latency_source": r.latency_source or "measured",
+            "search_dev_score": r.score}
+
+
 def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path) -> dict:
-    arch = arch_of(trial)
+    arch = TrialRecord.read(trial).arch
     ckpt = checkpoint_dir(run.cfg.run_dir, study.study_name, trial.number)
     if (ckpt / "config.json").is_file():
         model = AutoModelForSequenceClassification.from_pretrained(ckpt)
     else:
         log.warning("checkpoint %s not found here: training trial %d again", ckpt, trial.number)
         _, model = run.proxy.evaluate(arch, progress=run.progress)
-    search = {"study": study.study_name, "trial": trial.number,
-              "search_latency_ms": trial.user_attrs["latency_ms"],
-              "search_latency_source": trial.user_attrs.get("latency_source", "measured"),
-              "search_dev_score": trial.user_attrs.get("score")}
     return write_folder(run, model, arch, out, label=f"student (trial #{trial.number})",
                         title=f"{study.study_name} trial {trial.number}: {arch.name}",
-                        budget_ms=study.user_attrs.get("budget_ms"), search=search)
+                        budget_ms=study.user_attrs.get("budget_ms"),
+                        search=search_summary(study.study_name, trial))
 
 
 def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
@@ -80,13 +88,8 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
         teacher_ms = run.meter.teacher_ms()
     finally:
         run.meter.close()
-    if run.table is not None:
-        from tacnas.evaluators.latency_model import teacher_arch
-
-        predicted = run.table.predict_ms(arch)
-        teacher_predicted = run.table.predict_ms(teacher_arch(run.teacher.model.config))
-    else:
-        predicted = teacher_predicted = None
+    predicted = run.latency.raw(arch)
+    teacher_predicted = run.latency.teacher_predicted()
     data = run.data
     s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels)
     s_test = compute_metrics(predict_logits(loaded, data.test), data.test.labels)
@@ -118,7 +121,7 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
             "batch_size": b.batch_size, "seq_len": b.seq_len, "threads": b.threads,
             "repeats": b.repeats, "rounds": b.rounds, "device": cpu_name(),
             "torch": torch.__version__, "unit_ms": run.meter.unit_ms,
-            "latency_table": str(run.table_path) if run.table is not None else None,
+            "latency_table": str(run.latency.path) if run.latency.path else None,
         },
         **(extra or {}),
     }

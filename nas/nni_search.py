@@ -34,6 +34,7 @@ import optuna
 from tacnas.errors import UserError
 from tacnas.evaluators.metrics import WORST
 from tacnas.nas.pipeline import Run
+from tacnas.nas.record import TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def make_strategy(name: str, cfg, api: dict):
 def nni_value(trial: optuna.trial.FrozenTrial, worst: float) -> float:
     """What NNI is told: the proxy score of a trained, reused or pruned candidate, else the
     metric's worst value (over budget, invalid)."""
-    score = trial.user_attrs.get("score")
+    score = TrialRecord.read(trial).score
     return worst if score is None else float(score)
 
 
@@ -96,7 +97,7 @@ def nni_driver(run: Run, study: optuna.Study):
         done: dict = {}
 
         def tagged(trial: optuna.Trial):
-            trial.set_user_attr("strategy", name)
+            TrialRecord(strategy=name).write(trial)
             return objective(trial)
 
         def record(_study, trial) -> None:

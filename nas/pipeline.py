@@ -11,14 +11,14 @@ import torch
 from tacnas.errors import UserError
 from tacnas.evaluators.data import TaskData, load_task
 from tacnas.evaluators.latency import LatencyMeter
-from tacnas.evaluators.latency_model import (
+from tacnas.evaluators.latency_table import (
     LatencyTable,
     default_table_path,
     device_fingerprint,
-    ensure_profiled,
     teacher_arch,
 )
 from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.profile import ensure_profiled
 from tacnas.evaluators.proxy import DistillationProxy, SupernetProxy
 from tacnas.evaluators.teacher import (
     Teacher,
@@ -28,7 +28,9 @@ from tacnas.evaluators.teacher import (
     resolve_source,
     teacher_logits,
 )
+from tacnas.nas.budget import LatencyModel, MeasuredLatency, PredictedLatency
 from tacnas.nas.config import RunConfig
+from tacnas.searchspace.build import check_width
 from tacnas.searchspace.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -36,25 +38,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Run:
+    """What a search, export or distillation works with, prepared once from the config."""
+
     cfg: RunConfig
     cache: Path
     data: TaskData
     teacher: Teacher
     space: SearchSpace
-    meter: LatencyMeter
+    latency: LatencyModel  # the table's predictions (budget.latency: predict) or measurements
     proxy: DistillationProxy
     teacher_dev: dict
     progress: bool
-    table: LatencyTable | None = None  # budget.latency: predict
-    table_path: Path | None = None
-    latency_scale: float = 1.0  # the teacher measured now / the teacher predicted by the table
 
-    def latency_of(self, arch) -> tuple[float, str]:
-        """(ms, "predicted" | "measured"): the table's prediction, calibrated by the teacher
-        measured in this process, or a measurement."""
-        if self.table is not None:
-            return self.table.predict_ms(arch) * self.latency_scale, "predicted"
-        return self.meter.arch_ms(arch), "measured"
+    @property
+    def meter(self) -> LatencyMeter:
+        return self.latency.meter
 
     def teacher_test(self) -> dict:
         logits = teacher_logits(self.teacher, self.data.test, name="test", cache_dir=self.cache,
@@ -96,22 +94,18 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
     space = cfg.space.build(teacher.head_size)
     if cfg.proxy.init == "teacher":
         tc = teacher.model.config
-        too_wide = [h for h in space.hidden_size if h > tc.hidden_size]
-        too_wide_f = [f for f in space.intermediate_size if f > tc.intermediate_size]
-        if too_wide or too_wide_f:
-            raise UserError(
-                f"space: hidden_size {too_wide} / intermediate_size {too_wide_f} exceed the "
-                f"teacher's ({tc.hidden_size}, {tc.intermediate_size}); remove them or set "
-                "proxy.init: random"
-            )
+        check_width(max(space.hidden_size), max(space.intermediate_size), tc.hidden_size,
+                    tc.intermediate_size, what="the space")
     b = cfg.budget
     check_backend(b.backend)
     meter = LatencyMeter(teacher.model.config, batch_size=b.batch_size, seq_len=b.seq_len,
                          threads=b.threads, warmup=b.warmup, repeats=b.repeats, rounds=b.rounds,
                          backend=b.backend)
-    table, table_path = None, None
     if b.latency == "predict":
         table, table_path = latency_table(cfg, meter, space, cache, progress=progress)
+        latency = PredictedLatency(table, meter, table_path)
+    else:
+        latency = MeasuredLatency(meter)
     p = cfg.proxy
     common = dict(
         teacher=teacher.model, data=data, train_logits=train_logits, dev_logits=dev_logits,
@@ -134,8 +128,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
                               supernet_lr=p.supernet_lr, **common)
     else:
         proxy = DistillationProxy(**common)
-    return Run(cfg, cache, data, teacher, space, meter, proxy, teacher_dev, progress, table,
-               table_path)
+    return Run(cfg, cache, data, teacher, space, latency, proxy, teacher_dev, progress)
 
 
 def check_backend(backend: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from tacnas.nas.optuna_search import best_trials, feasible_trained, pareto_front, trained_count
+from tacnas.nas.record import TrialRecord, TrialStatus
+from tacnas.nas.study import best_trials, feasible_trained, pareto_front, trained_count
 
 
 def _fmt(v, spec: str) -> str:
@@ -22,14 +23,19 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def trial_row(t: FrozenTrial) -> list[str]:
-    a = t.user_attrs
-    status = a.get("status", t.state.name.lower())
-    if a.get("duplicate_of") is not None:
-        status += f" of #{a['duplicate_of']}"
+    r = TrialRecord.read(t)
+    status = r.status.value if r.status is not None else t.state.name.lower()
+    if r.duplicate_of is not None:
+        status += f" of #{r.duplicate_of}"
     return [
-        str(t.number), t.state.name, status, a.get("arch_name", "-"),
-        _fmt(a.get("latency_ms"), ".2f"), _fmt(a.get("params"), ","), _fmt(a.get("score"), ".4f"),
+        str(t.number), t.state.name, status, r.arch_name or "-",
+        _fmt(r.latency_ms, ".2f"), _fmt(r.params, ","), _fmt(r.score, ".4f"),
     ]
+
+
+def _brief(t: FrozenTrial) -> str:
+    r = TrialRecord.read(t)
+    return f"#{t.number} {r.arch_name} ({r.score:.4f}, {r.latency_ms:.2f} ms)"
 
 
 def status_text(study: optuna.Study) -> str:
@@ -49,9 +55,7 @@ def status_text(study: optuna.Study) -> str:
     best = best_trials(study)
     if best:
         title = "best" if len(study.directions) == 1 else "Pareto front (feasible, trained)"
-        lines.append(f"{title}: " + ", ".join(
-            f"#{t.number} {t.user_attrs['arch_name']} ({t.user_attrs['score']:.4f}, "
-            f"{t.user_attrs['latency_ms']:.2f} ms)" for t in best))
+        lines.append(f"{title}: " + ", ".join(_brief(t) for t in best))
     else:
         lines.append("no trained candidate within the budget yet")
     return "\n".join(lines)
@@ -104,17 +108,17 @@ def write_report(study: optuna.Study, out) -> dict:
     attrs = study.user_attrs
     budget = attrs.get("budget_ms")
     trials = study.get_trials(deepcopy=False)
-    trained = [t for t in trials if t.state.name == "COMPLETE"
-               and t.user_attrs.get("status") == "trained"]
+    rec = {t.number: TrialRecord.read(t) for t in trials}
+    trained = [t for t in trials if t.state.name == "COMPLETE" and rec[t.number].trained]
     feasible = feasible_trained(study)
     infeasible = [t for t in trained if t not in feasible]
-    rejected = [t for t in trials if t.user_attrs.get("status") == "over_budget"]
+    rejected = [t for t in trials if rec[t.number].status is TrialStatus.OVER_BUDGET]
     front = pareto_front(feasible)
     metric = _metric(study)
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    lat = lambda ts: [t.user_attrs["latency_ms"] for t in ts]  # noqa: E731
-    score = lambda ts: [t.user_attrs["score"] for t in ts]  # noqa: E731
+    lat = lambda ts: [rec[t.number].latency_ms for t in ts]  # noqa: E731
+    score = lambda ts: [rec[t.number].score for t in ts]  # noqa: E731
     ax.scatter(lat(feasible), score(feasible), s=28, c="tab:blue", label="trained, within budget")
     if infeasible:
         ax.scatter(lat(infeasible), score(infeasible), s=28, c="tab:orange",
@@ -123,7 +127,7 @@ def write_report(study: optuna.Study, out) -> dict:
         ax.plot(lat(front), score(front), "-o", c="tab:green", ms=8, mfc="none", mew=2,
                 label="Pareto front")
         for t in front:
-            ax.annotate(f"#{t.number}", (t.user_attrs["latency_ms"], t.user_attrs["score"]),
+            ax.annotate(f"#{t.number}", (rec[t.number].latency_ms, rec[t.number].score),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
     if rejected:
         low = min(score(trained)) if trained else 0.0
@@ -150,8 +154,8 @@ def write_report(study: optuna.Study, out) -> dict:
     fig.savefig(png, dpi=120)
     plt.close(fig)
 
-    rows = [[str(t.number), t.user_attrs["arch_name"], f"{t.user_attrs['score']:.4f}",
-             f"{t.user_attrs['latency_ms']:.2f}", f"{t.user_attrs['params']:,}"] for t in front]
+    rows = [[str(t.number), r.arch_name, f"{r.score:.4f}", f"{r.latency_ms:.2f}",
+             f"{r.params:,}"] for t in front if (r := rec[t.number])]
     md = [f"# Study {study.study_name}", "", "```", status_text(study), "```", "",
           "## Pareto front (feasible, trained; score up, latency down)", "", "```",
           table(["#", "architecture", f"dev {metric}", "latency ms", "params"], rows), "```", ""]
@@ -168,13 +172,13 @@ def write_report(study: optuna.Study, out) -> dict:
 def _importances(trained) -> dict[str, float]:
     """Optuna's fANOVA importances of the dev score over the trained trials only (over-budget
     trials have no score, and counting them as 0 would measure the budget, not the score)."""
-    distinct = {t.user_attrs["arch_name"] for t in trained}
+    distinct = {TrialRecord.read(t).arch_name for t in trained}
     if len(distinct) < 3:
         return {}
     copy = optuna.create_study(direction="maximize")
     for t in trained:
         copy.add_trial(optuna.trial.create_trial(
-            params=t.params, distributions=t.distributions, value=t.user_attrs["score"]))
+            params=t.params, distributions=t.distributions, value=TrialRecord.read(t).score))
     try:
         return dict(optuna.importance.get_param_importances(
             copy, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))

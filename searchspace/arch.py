@@ -67,6 +67,14 @@ class ArchConfig:
             f"-E{self.embedding_size}-G{self.num_hidden_groups}"
         )
 
+    @classmethod
+    def from_name(cls, name: str) -> ArchConfig:
+        """The inverse of ``name``; raises ``InvalidArch`` for anything else."""
+        parts = name.split("-")
+        if [p[:1] for p in parts] != list("LHAFEG") or not all(p[1:].isdigit() for p in parts):
+            raise InvalidArch(f"{name!r} is not an architecture name like L4-H256-A8-F1024-E128-G1")
+        return cls(*(int(p[1:]) for p in parts)).validate()
+
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 

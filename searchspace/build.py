@@ -82,7 +82,7 @@ def build_student(
 # ---------------------------------------------------------------- teacher's weights, canonically
 
 
-def _teacher_parts(teacher: PreTrainedModel) -> dict:
+def teacher_parts(teacher: PreTrainedModel) -> dict:
     """The teacher's weights as plain tensors, per layer, independent of module names."""
     if not isinstance(teacher, BertForSequenceClassification):
         raise UserError(
@@ -125,6 +125,38 @@ def select_layers(n_teacher: int, n_student: int) -> list[int]:
     if n_student == 1:
         return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def group_layers(arch: ArchConfig, layers: list[int]) -> list[int]:
+    """Of the layer each student layer would start from, the one each weight holder takes: a
+    BERT layer its own, a shared ALBERT group the layer of its first member."""
+    if not arch.is_albert:
+        return layers
+    per_group = arch.num_layers // arch.num_hidden_groups
+    return [layers[g * per_group] for g in range(arch.num_hidden_groups)]
+
+
+def check_width(hidden: int, ffn: int, t_hidden: int, t_ffn: int, *, what: str) -> None:
+    """The one width check of teacher initialisation: a student keeps whole teacher
+    dimensions, so none can be wider than the teacher's."""
+    if hidden > t_hidden or ffn > t_ffn:
+        raise UserError(
+            f"space: {what} is wider than the teacher: hidden_size {hidden} / intermediate_size "
+            f"{ffn} exceed the teacher's ({t_hidden}, {t_ffn}); remove the larger choices or set "
+            "proxy.init: random")
+
+
+def embedding_basis(word: torch.Tensor, pos: torch.Tensor, typ: torch.Tensor, rank: int):
+    """A factorized embedding from a truncated SVD: the rank-``rank`` basis V (H, rank; by
+    singular value) of the centred embedding rows (word, position and type share it, so their
+    sum stays in it) and the rows in that basis, ``(basis, word, pos, type)``."""
+    stacked = torch.cat([word, pos, typ]).detach().double()
+    centred = stacked - stacked.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    basis = vh[:rank].T
+    low = (centred @ basis).float()
+    n_w, n_p = word.shape[0], pos.shape[0]
+    return basis, low[:n_w].contiguous(), low[n_w:n_w + n_p].contiguous(), low[n_w + n_p:].contiguous()
 
 
 def student_layers(arch: ArchConfig, n_teacher: int, layers: list[int] | None = None) -> list[int]:
@@ -205,26 +237,18 @@ def _layer_state(layer: dict, res: torch.Tensor, heads: torch.Tensor, ffn: torch
 def teacher_init_state(arch: ArchConfig, teacher: PreTrainedModel, *,
                        layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """The student's state dict, made from the teacher's weights (see the module docstring)."""
-    parts = _teacher_parts(teacher)
+    parts = teacher_parts(teacher)
     head_size = parts["head_size"]
     t_hidden = parts["word"].shape[1]
-    t_heads = t_hidden // head_size
     t_ffn = parts["layers"][0]["fi"][0].shape[0]
     if arch.head_size != head_size:
         raise UserError(
             f"space: {arch.name} has head size {arch.head_size} but the teacher's is {head_size}; "
             f"set space.head_size: {head_size} (or proxy.init: random)"
         )
-    if arch.hidden_size > t_hidden or arch.num_heads > t_heads or arch.intermediate_size > t_ffn:
-        raise UserError(
-            f"space: {arch.name} is wider than the teacher (hidden {t_hidden}, heads {t_heads}, "
-            f"FFN {t_ffn}); remove the larger choices or set proxy.init: random"
-        )
+    check_width(arch.hidden_size, arch.intermediate_size, t_hidden, t_ffn, what=arch.name)
     res = _residual_dims(parts, arch.hidden_size)
-    chosen = student_layers(arch, len(parts["layers"]), layers)
-    if arch.is_albert:  # group g starts from the teacher layer of its first member
-        per_group = arch.num_layers // arch.num_hidden_groups
-        chosen = [chosen[g * per_group] for g in range(arch.num_hidden_groups)]
+    chosen = group_layers(arch, student_layers(arch, len(parts["layers"]), layers))
     layer_states = []
     for t in chosen:
         layer = parts["layers"][t]
@@ -238,7 +262,7 @@ def teacher_init_state(arch: ArchConfig, teacher: PreTrainedModel, *,
     prefix = "albert" if arch.is_albert else "bert"
     state.update(_embedding_state(arch, parts, res, prefix))
     for i, ls in enumerate(layer_states):
-        names = _albert_names(i) if arch.is_albert else _bert_names(i)
+        names = albert_names(i) if arch.is_albert else bert_names(i)
         for key, (w, b) in ls.items():
             state[names[key] + ".weight"] = w
             state[names[key] + ".bias"] = b
@@ -252,7 +276,7 @@ def teacher_init_state(arch: ArchConfig, teacher: PreTrainedModel, *,
     return state
 
 
-def _bert_names(i: int) -> dict[str, str]:
+def bert_names(i: int) -> dict[str, str]:
     p = f"bert.encoder.layer.{i}."
     return {
         "q": p + "attention.self.query", "k": p + "attention.self.key",
@@ -262,7 +286,7 @@ def _bert_names(i: int) -> dict[str, str]:
     }
 
 
-def _albert_names(g: int) -> dict[str, str]:
+def albert_names(g: int) -> dict[str, str]:
     p = f"albert.encoder.albert_layer_groups.{g}.albert_layers.0."
     return {
         "q": p + "attention.query", "k": p + "attention.key", "v": p + "attention.value",
@@ -288,19 +312,13 @@ def _embedding_state(arch: ArchConfig, parts: dict, res: torch.Tensor, prefix: s
             state["albert.encoder.embedding_hidden_mapping_in.weight"] = torch.eye(h)
             state["albert.encoder.embedding_hidden_mapping_in.bias"] = torch.zeros(h)
         return state
-    # Factorized: a rank-E basis V of the centred embedding rows (word, position and type share
-    # it, so their sum stays in it). ALBERT normalises in E space, then projects back: the
+    # Factorized (``embedding_basis``). ALBERT normalises in E space, then projects back: the
     # projection sqrt(H/E)·diag(gamma)·V maps unit-variance E coordinates to BERT's LayerNorm scale.
-    stacked = torch.cat([word, pos, typ]).double()
-    centred = stacked - stacked.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    basis = vh[:emb].T  # (H, E)
-    n_w, n_p = word.shape[0], pos.shape[0]
-    low = (centred @ basis).float()
+    basis, f_word, f_pos, f_type = embedding_basis(word, pos, typ, emb)  # basis: (H, E)
     state.update({
-        e + "word_embeddings.weight": low[:n_w].contiguous(),
-        e + "position_embeddings.weight": low[n_w:n_w + n_p].contiguous(),
-        e + "token_type_embeddings.weight": low[n_w + n_p:].contiguous(),
+        e + "word_embeddings.weight": f_word,
+        e + "position_embeddings.weight": f_pos,
+        e + "token_type_embeddings.weight": f_type,
         e + "LayerNorm.weight": torch.ones(emb),
         e + "LayerNorm.bias": torch.zeros(emb),
         "albert.encoder.embedding_hidden_mapping_in.weight":

@@ -42,15 +42,18 @@ from transformers import (
 from tacnas.errors import UserError
 from tacnas.searchspace.arch import ArchConfig
 from tacnas.searchspace.build import (
-    _albert_names,
-    _bert_names,
-    _teacher_parts,
+    albert_names,
+    bert_names,
+    check_width,
+    embedding_basis,
     ffn_scores,
+    group_layers,
     head_dims,
     head_scores,
     residual_scores,
     select_layers,
     student_config,
+    teacher_parts,
 )
 from tacnas.searchspace.space import ALL, HIDDEN, SearchSpace
 
@@ -66,7 +69,7 @@ class Supernet(nn.Module):
 
     def __init__(self, space: SearchSpace, teacher: PreTrainedModel):
         super().__init__()
-        parts = _teacher_parts(teacher)  # a BERT teacher, or a random BERT at the max dims
+        parts = teacher_parts(teacher)  # a BERT teacher, or a random BERT at the max dims
         self.space, self.teacher_config = space, teacher.config
         self.head_size = parts["head_size"]
         archs = list(space.all_archs())
@@ -82,10 +85,7 @@ class Supernet(nn.Module):
         self.max_ffn = max(a.intermediate_size for a in archs)
         factorized = [a.embedding_size for a in archs if a.embedding_size != a.hidden_size]
         self.max_emb = max(factorized, default=0)
-        if self.max_hidden > t_hidden or self.max_ffn > t_ffn:
-            raise UserError(
-                f"space: hidden_size up to {self.max_hidden} / intermediate_size up to "
-                f"{self.max_ffn} exceed the teacher's ({t_hidden}, {t_ffn}); remove them")
+        check_width(self.max_hidden, self.max_ffn, t_hidden, t_ffn, what="the supernet")
 
         # residual dims: the teacher's top-H_max by LayerNorm scale, most important first
         res = _descending(residual_scores(parts))[:self.max_hidden]
@@ -98,14 +98,9 @@ class Supernet(nn.Module):
         self.typ = param(parts["type"][:, res])
         self.emb_ln_w, self.emb_ln_b = (param(t[res]) for t in parts["emb_ln"])
         if self.max_emb:
-            stacked = torch.cat([self.word, self.pos, self.typ]).detach().double()
-            centred = stacked - stacked.mean(dim=1, keepdim=True)
-            _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-            basis = vh[:self.max_emb].T  # (H_max, E_max), by singular value
-            low = (centred @ basis).float()
-            n_w, n_p = self.word.shape[0], self.pos.shape[0]
-            self.f_word, self.f_pos = param(low[:n_w]), param(low[n_w:n_w + n_p])
-            self.f_type = param(low[n_w + n_p:])
+            basis, f_word, f_pos, f_type = embedding_basis(self.word, self.pos, self.typ,
+                                                           self.max_emb)  # (H_max, E_max)
+            self.f_word, self.f_pos, self.f_type = param(f_word), param(f_pos), param(f_type)
             self.f_ln_w = nn.Parameter(torch.ones(self.max_emb))
             self.f_ln_b = nn.Parameter(torch.zeros(self.max_emb))
             # scaled by sqrt(H_max / E) at slice time: see build._embedding_state
@@ -142,11 +137,7 @@ class Supernet(nn.Module):
 
     def layer_map(self, arch: ArchConfig) -> list[int]:
         """The supernet layer each student layer (ALBERT: each group) uses."""
-        chosen = select_layers(self.max_layers, arch.num_layers)
-        if arch.is_albert:
-            per_group = arch.num_layers // arch.num_hidden_groups
-            chosen = [chosen[g * per_group] for g in range(arch.num_hidden_groups)]
-        return chosen
+        return group_layers(arch, select_layers(self.max_layers, arch.num_layers))
 
     def check(self, arch: ArchConfig) -> None:
         arch.validate()
@@ -192,7 +183,7 @@ class Supernet(nn.Module):
                   "fo": (h, f)}
         for i, s in enumerate(self.layer_map(arch)):
             layer = self.layers[s]
-            names = _albert_names(i) if arch.is_albert else _bert_names(i)
+            names = albert_names(i) if arch.is_albert else bert_names(i)
             for key in _LAYER_KEYS:
                 w, b = getattr(layer, key + "_w"), getattr(layer, key + "_b")
                 rows, cols = slices.get(key, (h, None))

@@ -86,13 +86,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _storage(args, run_dir: str, study: str) -> str:
-    from tacnas.nas.optuna_search import default_storage
+    from tacnas.nas.study import default_storage
 
     return args.storage or default_storage(run_dir, study)
 
 
 def _existing_storage(args) -> str:
-    from tacnas.nas.optuna_search import run_folder
+    from tacnas.nas.study import run_folder
 
     if args.storage:
         return args.storage
@@ -106,8 +106,8 @@ def _existing_storage(args) -> str:
 
 def cmd_search(args) -> int:
     from tacnas.nas.config import load_config
-    from tacnas.nas.optuna_search import create_or_load, run_folder
     from tacnas.nas.pipeline import prepare
+    from tacnas.nas.study import create_or_load, run_folder
 
     overrides = list(args.set)
     if args.n_trials is not None:
@@ -132,7 +132,7 @@ def _check_strategy_installed(cfg) -> None:
 
 
 def cmd_profile(args) -> int:
-    from tacnas.evaluators.latency_model import teacher_arch
+    from tacnas.evaluators.latency_table import teacher_arch
     from tacnas.nas.config import load_config
     from tacnas.nas.pipeline import profile_device
     from tacnas.nas.report import table as text_table
@@ -164,8 +164,8 @@ def cmd_profile(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from tacnas.nas.optuna_search import load_study, stored_config
     from tacnas.nas.pipeline import prepare
+    from tacnas.nas.study import load_study, stored_config
 
     study = load_study(args.study, _existing_storage(args))
     cfg = stored_config(study.user_attrs, args.study)
@@ -175,34 +175,24 @@ def cmd_resume(args) -> int:
 
 
 def _finish_search(run, study, n_trials, timeout) -> int:
-    from tacnas.nas.optuna_search import run_search
     from tacnas.nas.report import status_text
+    from tacnas.nas.strategy import search
 
-    if run.cfg.search.strategy == "differentiable":
-        from tacnas.nas.differentiable import differentiable_search
-
-        summary = differentiable_search(run, study, timeout=timeout)
-        print(status_text(study))
-        if "derived" in summary:
-            print(f"\nderived {summary['arch']} ({summary['derived']}): "
-                  f"{summary['latency_ms']:.2f} ms against a budget of "
-                  f"{summary['budget_ms']:.2f} ms; supernet dev score {summary['score']:.4f}; "
-                  f"{summary['seconds']:.0f} s of search")
-        return 0
-    driver = None
-    if run.cfg.search.strategy.startswith("nni-"):
-        from tacnas.nas.nni_search import nni_driver
-
-        driver = nni_driver(run, study)
-    summary = run_search(run, study, n_trials=n_trials, timeout=timeout, driver=driver)
+    summary = search(run, study, n_trials=n_trials, timeout=timeout)
     print(status_text(study))
-    print(f"\n{summary['trained']} trained of {summary['target']} requested")
+    if run.cfg.search.strategy != "differentiable":
+        print(f"\n{summary['trained']} trained of {summary['target']} requested")
+    elif "derived" in summary:
+        print(f"\nderived {summary['arch']} ({summary['derived']}): "
+              f"{summary['latency_ms']:.2f} ms against a budget of "
+              f"{summary['budget_ms']:.2f} ms; supernet dev score {summary['score']:.4f}; "
+              f"{summary['seconds']:.0f} s of search")
     return 0
 
 
 def cmd_status(args) -> int:
-    from tacnas.nas.optuna_search import load_study
     from tacnas.nas.report import status_text
+    from tacnas.nas.study import load_study
 
     print(status_text(load_study(args.study, _existing_storage(args))))
     return 0
@@ -210,9 +200,9 @@ def cmd_status(args) -> int:
 
 def cmd_export(args) -> int:
     from tacnas.nas.export import export_trial, pick_trial
-    from tacnas.nas.optuna_search import feasible_trained, load_study, pareto_front, stored_config
     from tacnas.nas.pipeline import prepare
     from tacnas.nas.report import comparison_text
+    from tacnas.nas.study import feasible_trained, load_study, pareto_front, stored_config
 
     study = load_study(args.study, _existing_storage(args))
     if args.pareto:
@@ -235,10 +225,10 @@ def cmd_distill(args) -> int:
 
     from tacnas.nas.config import apply_overrides, config_from_dict, load_config
     from tacnas.nas.distill import distill
-    from tacnas.nas.export import pick_trial
-    from tacnas.nas.optuna_search import arch_of, load_study, stored_config
+    from tacnas.nas.export import pick_trial, search_summary
     from tacnas.nas.pipeline import prepare
     from tacnas.nas.report import comparison_text
+    from tacnas.nas.study import arch_of, load_study, stored_config
     from tacnas.searchspace.arch import ArchConfig
 
     search, budget_ms = None, None
@@ -253,10 +243,7 @@ def cmd_distill(args) -> int:
         cfg = load_config(args.config, args.set) if args.config else config_from_dict(
             apply_overrides(stored_config(study.user_attrs, name).to_dict(), args.set),
             source=f"study {name}")
-        search = {"study": name, "trial": trial.number,
-                  "search_latency_ms": trial.user_attrs["latency_ms"],
-                  "search_latency_source": trial.user_attrs.get("latency_source"),
-                  "search_dev_score": trial.user_attrs.get("score")}
+        search = search_summary(name, trial)
         budget_ms = study.user_attrs.get("budget_ms")
         label = f"distilled (trial #{trial.number})"
     else:
@@ -289,8 +276,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from tacnas.nas.optuna_search import load_study
     from tacnas.nas.report import write_report
+    from tacnas.nas.study import load_study
 
     done = write_report(load_study(args.study, _existing_storage(args)), Path(args.out))
     print(f"wrote {done['png']} and {done['md']}; Pareto front: "

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +22,11 @@ from transformers import (
     BertForSequenceClassification,
 )
 
+from tacnas.evaluators.data import Split, TaskData
+from tacnas.evaluators.proxy import EvalResult
+from tacnas.nas.budget import MeasuredLatency, PredictedLatency
+from tacnas.nas.config import config_from_dict
+from tacnas.searchspace.arch import ArchConfig
 from tests import tiny_assets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,3 +88,170 @@ def postgres_url():
         pytest.skip(reason)
     with postgres.cluster() as url:
         yield url
+
+
+# ------------------------------------------------------------------- helpers shared by tests
+
+
+def cli(*args, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(ROOT / "run_search.py"), "--quiet", *args], cwd=cwd,
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+# A synthetic search: latency and score are known functions of the architecture, so the Optuna
+# search, the budget and the strategies are tested in seconds, without training.
+
+
+class FakeMeter:
+    def __init__(self):
+        self.measured = []
+
+    def arch_ms(self, arch: ArchConfig) -> float:
+        self.measured.append(arch)
+        return arch.flops(batch_size=1, seq_len=16) / 1e6
+
+    def teacher_ms(self) -> float:
+        return TEACHER.flops(batch_size=1, seq_len=16) / 1e6
+
+    def close(self) -> None:
+        pass
+
+
+def true_score(arch: ArchConfig) -> float:
+    """Bigger is better, depth most: the optimum sits on the budget's boundary."""
+    return 0.3 + 0.1 * arch.num_layers + arch.hidden_size / 1000 + arch.intermediate_size / 4000
+
+
+class FakeProxy:
+    def __init__(self):
+        self.trained = []
+
+    def prepare(self, *, progress=False):
+        pass
+
+    def evaluate(self, arch, *, report=None, progress=False):
+        self.trained.append(arch)
+        s = true_score(arch)
+        if report is not None:
+            report(1, s)
+        return EvalResult(s, {"accuracy": s}, [(1, s)]), SimpleNamespace(save_pretrained=lambda p: None)
+
+
+TEACHER = ArchConfig(4, 128, 8, 256, 128, 4)  # the synthetic run's teacher
+
+
+class FlopsTable:
+    """A latency table that predicts exactly what ``FakeMeter`` measures."""
+
+    def predict_ms(self, arch: ArchConfig) -> float:
+        return arch.flops(batch_size=1, seq_len=16) / 1e6
+
+
+def _synthetic_split(n: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 16, (n,), generator=g)
+    ids = torch.randint(5, 99, (n, 16), generator=g) * (torch.arange(16) < lengths[:, None])
+    return Split(ids, torch.zeros_like(ids), lengths, torch.randint(0, 2, (n,), generator=g))
+
+
+def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna"):
+    """A search on a synthetic evaluator: latency is the architecture's FLOPs (measured and
+    predicted alike), the proxy's score is ``true_score``, so the feasible optimum is known.
+    With ``strategy: differentiable`` it also has what that search trains: a random BERT
+    teacher (4 layers, hidden 128, 8 heads of 16, FFN 256), random token data and logits."""
+    cfg = config_from_dict(dict(
+        task=dict(dataset="x.csv"), teacher=dict(model="t"),
+        space=dict(num_layers=[1, 2, 3, 4], hidden_size=[32, 64, 96, 128],
+                   intermediate_size=[64, 128, 256]),
+        budget=dict(speedup=speedup), search=dict(sampler=sampler, n_trials=n_trials,
+                                                  n_startup_trials=4, max_rejections=60,
+                                                  strategy=strategy),
+        differentiable=dict(steps=12, warmup_steps=4, batch_size=8, log_every=4,
+                            checkpoint_every=4),
+        run_dir=str(tmp_path),
+    ))
+    meter = FakeMeter()
+    run = SimpleNamespace(
+        cfg=cfg, space=cfg.space.build(teacher_head_size=16), meter=meter, proxy=FakeProxy(),
+        params_of=lambda a: a.num_params(vocab_size=99, num_labels=2),
+        teacher_dev={"accuracy": 0.9}, teacher_params=1, progress=False,
+        latency=MeasuredLatency(meter),
+    )
+    if strategy == "differentiable":
+        torch.manual_seed(0)
+        teacher = BertForSequenceClassification(BertConfig(
+            vocab_size=99, hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
+            intermediate_size=256, max_position_embeddings=32, num_labels=2)).eval()
+        meter.teacher_config = teacher.config
+        run.latency = PredictedLatency(FlopsTable(), meter)
+        run.teacher = SimpleNamespace(model=teacher)
+        run.data = TaskData(_synthetic_split(64, 1), _synthetic_split(32, 2),
+                            _synthetic_split(32, 3), ["a", "b"], "accuracy")
+        run.proxy.train_logits = torch.randn(64, 2, generator=torch.Generator().manual_seed(4))
+        run.proxy.dev_logits = torch.randn(32, 2, generator=torch.Generator().manual_seed(5))
+    return run
+
+
+# ------------------------------------------------------------------ processes and interrupts
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def children(pid: int, command: str = "spawn_main") -> list[int]:
+    """The live child processes of ``pid`` whose command line holds ``command`` (default:
+    multiprocessing's spawned workers, such as the latency worker), from Linux's /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))) is not None and int(st[1]) == pid:
+            try:
+                cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if command in cmdline:
+                out.append(int(d.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"  # a zombie has exited
+
+
+@contextlib.contextmanager
+def interrupt_when(condition, *, poll: float = 0.002, timeout: float = 600):
+    """Send this process a real SIGINT (what Ctrl-C sends) as soon as ``condition()`` holds,
+    e.g. once a checkpoint exists: the code under test sees KeyboardInterrupt wherever it is."""
+    done = threading.Event()
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while not done.is_set() and time.monotonic() < deadline:
+            if condition():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(poll)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of the checkpoint in ``folder`` (``state.json``), if it has one."""
+    try:
+        return json.loads((folder / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None

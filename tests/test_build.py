@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from tacnas.errors import UserError
+from tacnas.evaluators.config import TaskConfig
 from tacnas.evaluators.data import load_task
 from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.training import predict_logits
-from tacnas.nas.config import TaskConfig
 from tacnas.searchspace.arch import ArchConfig
 from tacnas.searchspace.build import build_student, select_layers
 

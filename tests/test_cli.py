@@ -18,18 +18,9 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, alive, children, cli
 
 pytestmark = pytest.mark.slow
-
-
-def cli(*args, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, str(ROOT / "run_search.py"), "--quiet", *args], cwd=cwd,
-                       env=env, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 def _study(project: Path, name: str = "tiny") -> optuna.Study:
@@ -111,6 +102,7 @@ def test_sigkill_mid_trial_then_resume_keeps_every_finished_trial(project):
                 trained_now = [t for t in _study(project).trials
                                if t.user_attrs.get("status") == "trained"]
                 if trained_now:
+                    workers = children(proc.pid)  # the latency worker, started by now
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_number = training[0][0]
     finally:
@@ -123,9 +115,8 @@ def test_sigkill_mid_trial_then_resume_keeps_every_finished_trial(project):
     killed_params = _study(project).trials[killed_number].params
     time.sleep(3)  # past the grace period: the silent RUNNING trial is stale
 
-    orphans = subprocess.run(["pgrep", "-f", "spawn_main.*--multiprocessing-fork"],
-                             capture_output=True, text=True).stdout.split()
-    assert not [p for p in orphans if _parent(p) == 1], "the latency worker outlived its search"
+    assert workers, "the search had started no latency worker"
+    assert not [p for p in workers if alive(p)], "the latency worker outlived its search"
     cli("resume", "--study", "tiny", cwd=project)
     study = _study(project)
     for n, (state, values) in before.items():
@@ -136,13 +127,6 @@ def test_sigkill_mid_trial_then_resume_keeps_every_finished_trial(project):
     trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]
     assert len(trained) == 4
     assert len({t.user_attrs["arch_name"] for t in trained}) == 4
-
-
-def _parent(pid: str) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def test_bad_config_exits_2_naming_the_key(project):

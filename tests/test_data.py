@@ -5,8 +5,8 @@ import torch
 from transformers import AutoTokenizer
 
 from tacnas.errors import UserError
+from tacnas.evaluators.config import SplitConfig, TaskConfig
 from tacnas.evaluators.data import load_task
-from tacnas.nas.config import SplitConfig, TaskConfig
 
 
 @pytest.fixture(scope="module")

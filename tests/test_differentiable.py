@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import tacnas.nas.differentiable as diff_mod
-from tacnas.evaluators.latency_model import ExpectedLatency
+from tacnas.nas.budget import Budget
 from tacnas.nas.config import load_config
-from tacnas.nas.differentiable import ArchParams, derive, differentiable_search
-from tacnas.nas.optuna_search import Objective, create_or_load, default_storage
+from tacnas.nas.differentiable import ArchParams, ExpectedLatency, derive, differentiable_search
 from tacnas.nas.pipeline import prepare
+from tacnas.nas.study import create_or_load, default_storage
 from tacnas.searchspace.space import SearchSpace
 from tacnas.searchspace.supernet import Supernet
-from tests.test_cli import cli
+from tests.conftest import checkpoint_step, cli, interrupt_when
 
 SPACE = SearchSpace(num_layers=(1, 2, 4), hidden_size=(32, 48, 64), intermediate_size=(64, 128),
                     head_size=16, embedding_size=(16, "hidden"), num_hidden_groups=(1, "all"))
@@ -76,12 +76,12 @@ def test_derivation_respects_the_budget(diff_run):
                                                           else 0))
             alpha.logits[name][big] = 5.0
     largest = net.arch_of({n: int(p.argmax()) for n, p in alpha.logits.items()})
-    study = optuna.create_study(direction="maximize")
-    free = Objective(run, study, budget_ms=None)
-    assert derive(run, net, alpha, None, free)[0] == largest
-    budget = 0.7 * run.latency_of(largest)[0]
-    arch, how = derive(run, net, alpha, budget, Objective(run, study, budget_ms=budget))
-    assert arch != largest and run.latency_of(arch)[0] <= budget and "within the budget" in how
+    free = Budget(run.cfg.budget, run.latency, run.params_of, budget_ms=None)
+    assert derive(run, net, alpha, free)[0] == largest
+    budget = 0.7 * run.latency.ms(largest)
+    tight = Budget(run.cfg.budget, run.latency, run.params_of, budget_ms=budget)
+    arch, how = derive(run, net, alpha, tight)
+    assert arch != largest and run.latency.ms(arch) <= budget and "within the budget" in how
     # no other architecture within the budget is more likely
     lp = {n: p.log_softmax(-1) for n, p in alpha.logits.items()}
     index = {n: {c: i for i, c in enumerate(ch)} for n, ch in net.dims()}
@@ -89,7 +89,7 @@ def test_derivation_respects_the_budget(diff_run):
     def logp(a):
         params = diff_mod._params_of(net, a)
         return sum(float(lp[n][index[n][params[n]]]) for n in lp)
-    fitting = [a for a in run.space.all_archs() if run.latency_of(a)[0] <= budget]
+    fitting = [a for a in run.space.all_archs() if run.latency.ms(a) <= budget]
     assert logp(arch) == pytest.approx(max(logp(a) for a in fitting))
 
 
@@ -100,20 +100,11 @@ def test_a_killed_search_resumes_at_its_checkpoint_step(diff_run, project, monke
 
     cfg, run = diff_run()
     cut = create_or_load("cut", default_storage(cfg.run_dir, "cut"), cfg)
-    real, calls = diff_mod.kd_loss, {"n": 0}
-
-    def dies(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 35:  # 10 warm-up steps (1 call each), then 2 calls a step: step 22
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(diff_mod, "kd_loss", dies)
-    with pytest.raises(KeyboardInterrupt):
-        differentiable_search(run, cut)
     folder = project / "runs" / "cut" / "checkpoints" / "differentiable"
-    assert json.loads((folder / "state.json").read_text())["step"] == 20
-    monkeypatch.setattr(diff_mod, "kd_loss", real)
+    # Ctrl-C (a real SIGINT) right after the step-10 checkpoint is written
+    with pytest.raises(KeyboardInterrupt), interrupt_when(lambda: checkpoint_step(folder) == 10):
+        differentiable_search(run, cut)
+    assert checkpoint_step(folder) in (10, 20)  # the last checkpoint before the interrupt
     cfg, run = diff_run()
     resumed = differentiable_search(run, create_or_load("cut", default_storage(cfg.run_dir, "cut"),
                                                         cfg))

@@ -2,66 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import optuna
 import pytest
 
 from tacnas.errors import UserError
-from tacnas.evaluators.proxy import EvalResult
-from tacnas.nas.config import config_from_dict
-from tacnas.nas.optuna_search import best_trials, create_or_load, default_storage, run_search
-from tacnas.searchspace.arch import ArchConfig
-
-
-class FakeMeter:
-    def __init__(self):
-        self.measured = []
-
-    def arch_ms(self, arch: ArchConfig) -> float:
-        self.measured.append(arch)
-        return arch.flops(batch_size=1, seq_len=16) / 1e6
-
-    def teacher_ms(self) -> float:
-        return ArchConfig(4, 128, 8, 256, 128, 4).flops(batch_size=1, seq_len=16) / 1e6
-
-    def close(self) -> None:
-        pass
-
-
-def true_score(arch: ArchConfig) -> float:
-    """Bigger is better, depth most: the optimum sits on the budget's boundary."""
-    return 0.3 + 0.1 * arch.num_layers + arch.hidden_size / 1000 + arch.intermediate_size / 4000
-
-
-class FakeProxy:
-    def __init__(self):
-        self.trained = []
-
-    def evaluate(self, arch, *, report=None, progress=False):
-        self.trained.append(arch)
-        s = true_score(arch)
-        if report is not None:
-            report(1, s)
-        return EvalResult(s, {"accuracy": s}, [(1, s)]), SimpleNamespace(save_pretrained=lambda p: None)
-
-
-def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0):
-    cfg = config_from_dict(dict(
-        task=dict(dataset="x.csv"), teacher=dict(model="t"),
-        space=dict(num_layers=[1, 2, 3, 4], hidden_size=[32, 64, 96, 128],
-                   intermediate_size=[64, 128, 256]),
-        budget=dict(speedup=speedup), search=dict(sampler=sampler, n_trials=n_trials,
-                                                  n_startup_trials=4, max_rejections=60),
-        run_dir=str(tmp_path),
-    ))
-    meter = FakeMeter()
-    return SimpleNamespace(
-        cfg=cfg, space=cfg.space.build(teacher_head_size=16), meter=meter, proxy=FakeProxy(),
-        params_of=lambda a: a.num_params(vocab_size=99, num_labels=2),
-        teacher_dev={"accuracy": 0.9}, teacher_params=1, progress=False,
-        table=None, latency_of=lambda a: (meter.arch_ms(a), "measured"),
-    )
+from tacnas.nas.optuna_search import run_search
+from tacnas.nas.study import best_trials, create_or_load, default_storage
+from tests.conftest import fake_run, true_score
 
 
 def _study(run, name="s"):

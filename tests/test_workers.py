@@ -13,8 +13,7 @@ import time
 import optuna
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_cli import cli
+from tests.conftest import ROOT, cli
 
 pytestmark = [pytest.mark.slow]
 
@@ -42,7 +41,7 @@ def _wait(cond, timeout, what):
 
 def _trials(storage, study):
     """The study's trials once it exists and holds its config, else None."""
-    from tacnas.nas.optuna_search import open_storage
+    from tacnas.nas.study import open_storage
 
     try:
         s = optuna.load_study(study_name=study, storage=open_storage(storage))
@@ -107,7 +106,7 @@ def test_two_workers_share_a_journal_file(project):
     for p in (a, b):
         out, err = p.communicate(timeout=420)
         assert p.returncode == 0, err[-2000:]
-    from tacnas.nas.optuna_search import load_study, trained_count
+    from tacnas.nas.study import load_study, trained_count
 
     study = load_study("j", storage)
     trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]

@@ -1,16 +1,15 @@
-"""A latency model of one device: profile the blocks a candidate is made of once, then predict
+"""A latency model of one device: the table of profiled blocks, its fits, and predictions of
 any candidate of the space in microseconds, without building it.
 
 A candidate's forward pass is an embedding block (for a factorized ALBERT embedding, the lookup
 at width E plus its E->H projection), ``num_layers`` encoder layers and a head (pooler and
-classifier). Each block is timed in isolation, exactly as the model calls it (same module class,
-same attention mask, same inputs), in the clean latency subprocess, with warm-up and the lowest
-of several medians. The prediction is ``c0 + c1 * (embedding + layers * layer + head)``, where
-``layer`` comes from a fit over all the profiled layers of the model class (their work by kind:
-projections, FFN, attention, elementwise, softmax, per call; see ``fit_layer_model``) rather
-than from the one block's own timing, and ``c0, c1`` are fitted per model class on a handful of whole-model measurements (the framework's
-fixed overheads: mask creation, output wrapping), and kept only where leave-one-out says the
-correction helps.
+classifier). Each block is timed in isolation (``evaluators/profile.py``). The prediction is
+``c0 + c1 * (embedding + layers * layer + head)``, where ``layer`` comes from a fit over all the
+profiled layers of the model class (their work by kind: projections, FFN, attention,
+elementwise, softmax, per call; see ``fit_layer_model``) rather than from the one block's own
+timing, and ``c0, c1`` are fitted per model class on a handful of whole-model measurements (the
+framework's fixed overheads: mask creation, output wrapping), and kept only where leave-one-out
+says the correction helps.
 
 Cross-layer sharing changes parameters, not compute: ALBERT runs ``num_layers`` layers however
 many groups hold their weights, so the number of groups never enters a prediction. The model
@@ -26,14 +25,10 @@ lacks profiles just those and saves them, so every study on the device shares on
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
 import platform
-import random
-import statistics
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +38,9 @@ import numpy as np
 import torch
 import transformers
 from scipy.optimize import nnls
-from tqdm.auto import tqdm
 
 from tacnas.errors import UserError
 from tacnas.searchspace.arch import ArchConfig
-from tacnas.searchspace.space import ALL, HIDDEN, SearchSpace
 
 BACKENDS = ("torch", "onnxruntime")
 TABLE_VERSION = 1
@@ -100,6 +93,14 @@ class Block(NamedTuple):
         if self.kind == "layer":
             return f"layer:{cls}:H{self.hidden}:A{self.heads}:F{self.ffn}"
         return f"head:{cls}:H{self.hidden}"
+
+    @classmethod
+    def parse(cls, key: str) -> Block:
+        """The inverse of ``key`` (the table's JSON is keyed by it)."""
+        kind, name, *dims = key.split(":")
+        v = {d[0]: int(d[1:]) for d in dims}
+        return cls(kind, name == "albert", v["H"], heads=v.get("A", 0), ffn=v.get("F", 0),
+                   emb=v.get("E", 0))
 
 
 def blocks_of(layers: int, hidden: int, heads: int, ffn: int, emb: int,
@@ -212,7 +213,7 @@ class LatencyTable:
             raise UserError(f"budget.latency_table {path}: not a latency table ({e}); "
                             "run `run_search.py profile --config FILE` to make one") from None
         if "layer_model" not in d:  # a table from before the layer model: fit it now
-            refit(table, _known(table))
+            refit(table, known_archs(table))
         if expect is not None:
             diff = [f"{k}: table {table.fingerprint.get(k)!r}, here {expect.get(k)!r}"
                     for k in sorted(set(expect) | set(table.fingerprint))
@@ -316,11 +317,11 @@ def fit_layer_model(table: LatencyTable) -> dict[str, int]:
     b, s = table.fingerprint["batch_size"], table.fingerprint["seq_len"]
     rows: dict[str, list[tuple[list[float], float]]] = {"bert": [], "albert": []}
     for key, ms in table.blocks.items():
-        kind, cls, *dims = key.split(":")
-        if kind != "layer" or ms <= 0:
+        block = Block.parse(key)
+        if block.kind != "layer" or ms <= 0:
             continue
-        h, a, f = (int(d[1:]) for d in dims)
-        rows[cls].append((layer_terms(h, a, f, b, s), ms))
+        rows["albert" if block.albert else "bert"].append(
+            (layer_terms(block.hidden, block.heads, block.ffn, b, s), ms))
     table.layer_model = {}
     used = {}
     for cls, pts in rows.items():
@@ -351,265 +352,12 @@ def refit(table: LatencyTable, names: Mapping[str, ArchConfig]) -> dict[str, str
     return forms
 
 
-# ------------------------------------------------------------------------------- profiling
-
-
-STACK = 4  # a layer is timed inside a stack of this many distinct layers (see block_module)
-_PROBES: dict[str, object] = {}  # the worker's built probe models, reused across sweeps
-
-
-def _probe_config(block: dict, teacher_config: dict):
-    """A small model holding ``block``: ``STACK`` distinct layers of its class. Only the
-    embedding block needs the real vocabulary; the others use a small one (faster to build,
-    same compute)."""
-    from transformers import PretrainedConfig
-
-    from tacnas.searchspace.build import student_config
-
-    h = block["hidden"]
-    tc = dict(teacher_config)
-    if block["kind"] != "embedding":
-        tc["vocab_size"] = 512
-    arch = ArchConfig(
-        num_layers=2 if block["albert"] else 1, hidden_size=h,
-        num_heads=block["heads"] or 1, intermediate_size=block["ffn"] or 4,
-        embedding_size=block["emb"] or h, num_hidden_groups=1,
-    ).validate()
-    config = student_config(arch, PretrainedConfig(**tc))
-    config.num_hidden_layers = STACK
-    if block["albert"]:
-        config.num_hidden_groups = STACK
-    return config
-
-
-class _Embedding(torch.nn.Module):
-    def __init__(self, model, albert: bool):
-        super().__init__()
-        base = model.albert if albert else model.bert
-        self.embeddings = base.embeddings
-        self.mapping = base.encoder.embedding_hidden_mapping_in if albert else None
-
-    def forward(self, ids):
-        h = self.embeddings(input_ids=ids)
-        return self.mapping(h) if self.mapping is not None else h
-
-
-class _Layers(torch.nn.Module):
-    def __init__(self, model, albert: bool, mask):
-        super().__init__()
-        base = model.albert if albert else model.bert
-        self.layers = base.encoder.albert_layer_groups if albert else base.encoder.layer
-        self.mask = mask
-
-    def forward(self, hidden):
-        for layer in self.layers:
-            hidden = layer(hidden, self.mask)
-        return hidden
-
-
-class _Head(torch.nn.Module):
-    def __init__(self, model, albert: bool):
-        super().__init__()
-        self.model, self.albert = model, albert
-
-    def forward(self, hidden):
-        m = self.model
-        if self.albert:
-            pooled = m.albert.pooler_activation(m.albert.pooler(hidden[:, 0]))
-        else:
-            pooled = m.bert.pooler(hidden)
-        return m.classifier(m.dropout(pooled))
-
-
-def block_module(model, block: dict, batch_size: int, seq_len: int):
-    """``(module, inputs, per)``: ``block`` of ``model`` as the model's forward calls it (same
-    modules, same attention mask), with its inputs; the time of ``module(*inputs)`` divided by
-    ``per`` is the block's. A layer runs as a pass through ``STACK`` distinct layers: in a
-    model each layer's weights are evicted by the others' before its next call, while one layer
-    called again and again stays in cache (measured: up to 19% faster for a 320-wide layer with
-    a 1536 FFN)."""
-    from transformers.masking_utils import create_bidirectional_mask
-
-    from tacnas.evaluators.latency import input_ids
-
-    albert = block["albert"]
-    ids = input_ids(model.config.vocab_size, batch_size, seq_len)
-    g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(batch_size, seq_len, block["hidden"], generator=g)
-    kind = block["kind"]
-    if kind == "embedding":
-        return _Embedding(model, albert), (ids,), 1
-    if kind == "layer":
-        mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden,
-                                         attention_mask=torch.ones_like(ids))
-        module = _Layers(model, albert, mask)
-        return module, (hidden,), len(module.layers)
-    return _Head(model, albert), (hidden,), 1
-
-
-def _profile_in_worker(block: dict, teacher_config: dict,
-                       settings: dict) -> tuple[float, float]:
-    """One timing of one block against the reference, in the latency subprocess (the runner is
-    kept for the next sweep): ``(ratio, reference ms)``."""
-    from transformers import AutoModelForSequenceClassification
-
-    from tacnas.evaluators.latency import ratio_in_worker, runner_in_worker
-
-    key = Block(**block).key
-    if key not in _PROBES:
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_config(
-            _probe_config(block, teacher_config)).eval()
-        module, inputs, per = block_module(model, block, settings["batch_size"],
-                                           settings["seq_len"])
-        _PROBES[key] = (runner_in_worker(module, inputs, settings), per)
-    fn, per = _PROBES[key]
-    ratio, ref_ms = ratio_in_worker(fn, settings)
-    return ratio / per, ref_ms
-
-
-def _clear_probes() -> None:
-    _PROBES.clear()
-
-
-def ensure_profiled(table: LatencyTable, meter, archs: list[ArchConfig], *, path: Path,
-                    fit_per_class: int = 6, progress: bool = True) -> dict:
-    """Profile every block ``archs`` need that ``table`` lacks, measure a few whole models of
-    each class for the overhead correction, refit and save. Returns what was done.
-
-    Every block and whole model is timed against the reference (see ``evaluators.latency``) in
-    ``rounds`` sweeps over all of them, in a shuffled order each sweep, and keeps the median of
-    its ratios; the table's unit is the reference's lowest median seen while profiling (or the
-    unit the table already has)."""
-    t0 = time.perf_counter()
-    missing = table.missing(archs)
-    fits = fit_archs(table, archs, fit_per_class) if (missing or not table.correction) else []
-    if not missing and not fits:
-        return {"blocks": 0, "whole_models": 0, "forms": {}, "seconds": 0.0}
-    teacher_config = meter.teacher_config.to_dict()
-    sweeps = meter.settings["rounds"]
-    one = {**meter.settings, "rounds": 1}
-    jobs = [("block", b) for b in missing] + [("model", a) for a in fits]
-    ratios: dict[str, list[float]] = {}
-    ref_low = math.inf
-    rng = random.Random(0)
-    bar = tqdm(total=sweeps * len(jobs), desc="profile", unit="timing", disable=not progress)
-    try:
-        for _ in range(sweeps):
-            order = jobs[:]
-            rng.shuffle(order)
-            for kind, item in order:
-                if kind == "block":
-                    key = item.key
-                    r, ref_ms = meter.call(_profile_in_worker, item._asdict(), teacher_config, one)
-                else:
-                    key = item.name
-                    r, ref_ms = meter.call(_measure_arch_in_worker, item.to_dict(),
-                                           teacher_config, one)
-                ratios.setdefault(key, []).append(r)
-                ref_low = min(ref_low, ref_ms)
-                bar.update(1)
-    finally:
-        bar.close()
-        meter.call(_clear_probes)
-        meter.call(_clear_models)
-    if table.unit_ms is None:
-        table.unit_ms = ref_low
-    for b in missing:
-        table.blocks[b.key] = statistics.median(ratios[b.key]) * table.unit_ms
-    for a in fits:
-        table.fit_points[a.name] = statistics.median(ratios[a.name]) * table.unit_ms
-    meter.unit_ms = table.unit_ms  # the meter's direct measurements in the table's units
-    forms = refit(table, {a.name: a for a in archs} | _known(table))
-    table.profile_seconds += time.perf_counter() - t0
-    table.save(path)
-    return {"blocks": len(missing), "whole_models": len(fits), "forms": forms,
-            "seconds": time.perf_counter() - t0}
-
-
-_MODELS: dict[str, object] = {}
-
-
-def _measure_arch_in_worker(arch: dict, teacher_config: dict,
-                            settings: dict) -> tuple[float, float]:
-    """A whole model against the reference (kept for the next sweep): ``(ratio, ref ms)``."""
-    from transformers import AutoModelForSequenceClassification, PretrainedConfig
-
-    from tacnas.evaluators.latency import model_inputs, ratio_in_worker, runner_in_worker
-    from tacnas.searchspace.build import student_config
-
-    a = ArchConfig.from_dict(arch)
-    if a.name not in _MODELS:
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_config(
-            student_config(a, PretrainedConfig(**teacher_config)))
-        module, inputs = model_inputs(model, settings["batch_size"], settings["seq_len"])
-        _MODELS[a.name] = runner_in_worker(module, inputs, settings)
-    return ratio_in_worker(_MODELS[a.name], settings)
-
-
-def _clear_models() -> None:
-    _MODELS.clear()
-
-
-def _known(table: LatencyTable) -> dict[str, ArchConfig]:
+def known_archs(table: LatencyTable) -> dict[str, ArchConfig]:
     """Fit points from earlier spaces, parsed back from their names (L-H-A-F-E-G)."""
     out = {}
     for name in table.fit_points:
         try:
-            L, H, A, F, E, G = (int(p[1:]) for p in name.split("-"))
-            out[name] = ArchConfig(L, H, A, F, E, G).validate()
-        except (ValueError, UserError):
+            out[name] = ArchConfig.from_name(name)
+        except UserError:
             continue
     return out
-
-
-# ------------------------------------------------------------------------- expected latency
-
-
-class ExpectedLatency:
-    """The latency model as a differentiable function of one categorical distribution per
-    dimension of the space: ``E[latency] = sum over every combination of choices of
-    prediction(combination) * prod_d p_d(choice_d)``. At one-hot distributions it is exactly
-    ``table.predict_ms`` of that architecture.
-
-    Combinations that are not an architecture (an embedding wider than the hidden size, groups
-    that do not divide the layers, heads that do not divide the hidden size) take the space's
-    largest latency, so that mass on them is never attractive.
-    """
-
-    def __init__(self, table: LatencyTable, space: SearchSpace):
-        self.dims: list[tuple[str, tuple]] = list(space.choices().items())
-        values, valid = [], []
-        for combo in itertools.product(*(c for _, c in self.dims)):
-            d = dict(zip((n for n, _ in self.dims), combo))
-            layers, hidden, ffn = d["num_layers"], d["hidden_size"], d["intermediate_size"]
-            heads = d.get("num_heads") or hidden // (space.head_size or 1)
-            emb = hidden if d["embedding_size"] == HIDDEN else d["embedding_size"]
-            groups = layers if d["num_hidden_groups"] == ALL else d["num_hidden_groups"]
-            ok = emb <= hidden and layers % groups == 0 and hidden % heads == 0
-            if ok:
-                arch = ArchConfig(layers, hidden, heads, ffn, emb, groups)
-                values.append(table.predict_ms(arch))
-            else:
-                values.append(math.nan)
-            valid.append(ok)
-        grid = torch.tensor(values, dtype=torch.float64)
-        worst = grid[torch.tensor(valid)].max() if any(valid) else torch.tensor(0.0)
-        grid = torch.where(torch.tensor(valid), grid, worst)
-        self.grid = grid.reshape([len(c) for _, c in self.dims])
-
-    @property
-    def names(self) -> list[str]:
-        return [n for n, _ in self.dims]
-
-    def __call__(self, probs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``probs[name]``: a 1-D distribution over that dimension's choices (space order)."""
-        out = self.grid.to(next(iter(probs.values())).dtype)
-        for name, choices in self.dims:  # contract one leading dimension at a time
-            p = probs[name]
-            if p.shape != (len(choices),):
-                raise ValueError(f"probs[{name!r}] has shape {tuple(p.shape)}, "
-                                 f"expected ({len(choices)},)")
-            out = torch.tensordot(p, out, dims=([0], [0]))
-        return out

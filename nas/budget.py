@@ -1,0 +1,232 @@
+"""The budget: what it is right now, who changed it, and whether a candidate fits it.
+
+``Budget.resolve`` turns the config's ``budget`` section into figures for this process:
+
+- ``latency_ms`` is fixed; ``speedup`` is over the teacher measured in this process, by the
+  same latency worker as the candidates (so both see the same machine state); with both, the
+  tighter holds. ``max_params`` is a parameter count.
+- The teacher is measured again after every trained candidate (``tighten``): a slow spell of
+  this shared machine during one teacher measurement would loosen a ``speedup`` budget, the
+  unsafe direction, so the lowest figure seen only ever tightens it.
+- With the latency table (``budget.latency: predict``), predictions are calibrated by the
+  teacher measured now over the teacher predicted (``PredictedLatency.calibrate``): with a
+  ``speedup`` budget the check becomes table-internal (candidate predicted against teacher
+  predicted / speedup), whatever state the machine was in while profiling.
+- A candidate predicted within ``guard_band`` of the budget (where the table's error could flip
+  the decision) is measured directly instead.
+
+``Budget.check(arch)`` returns a ``Verdict``: the latency it used and where it came from, the
+parameter count and how far over the tightest budget the candidate is. The study keeps the
+teacher's lowest figure and the budget it gives (``teacher_ms``, ``budget_ms``); every trial
+records the budget it was checked against.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import optuna
+
+from tacnas.errors import UserError
+from tacnas.evaluators.latency_table import LatencyTable, teacher_arch
+from tacnas.searchspace.arch import ArchConfig
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- latency models
+
+
+class LatencyModel(Protocol):
+    """A candidate's latency on this device: predicted by the table or measured."""
+
+    source: str  # "predicted" | "measured"
+    meter: object  # the latency worker (``evaluators.latency.LatencyMeter``)
+    scale: float | None  # the calibration applied to predictions (None: measured)
+    path: object  # the latency table's file (None: measured)
+
+    def ms(self, arch: ArchConfig) -> float: ...
+
+    def raw(self, arch: ArchConfig) -> float | None:
+        """The table's uncalibrated prediction (None: measured)."""
+
+    def calibrate(self, teacher_ms: float) -> None: ...
+
+    def teacher_predicted(self) -> float | None: ...
+
+
+class MeasuredLatency:
+    """``budget.latency: measure``: every candidate built and measured (cached per arch)."""
+
+    source = "measured"
+    scale = None
+    path = None
+
+    def __init__(self, meter):
+        self.meter = meter
+
+    def ms(self, arch: ArchConfig) -> float:
+        return self.meter.arch_ms(arch)
+
+    def raw(self, arch: ArchConfig) -> float | None:
+        return None
+
+    def calibrate(self, teacher_ms: float) -> None:
+        pass
+
+    def teacher_predicted(self) -> float | None:
+        return None
+
+
+class PredictedLatency:
+    """``budget.latency: predict``: the device's latency table, scaled by ``scale`` (the
+    teacher measured now over the teacher predicted, set by ``calibrate``)."""
+
+    source = "predicted"
+
+    def __init__(self, table: LatencyTable, meter, path=None):
+        self.table, self.meter, self.path = table, meter, path
+        self.scale = 1.0
+
+    def raw(self, arch: ArchConfig) -> float:
+        return self.table.predict_ms(arch)
+
+    def ms(self, arch: ArchConfig) -> float:
+        return self.table.predict_ms(arch) * self.scale
+
+    def teacher_predicted(self) -> float:
+        return self.table.predict_ms(teacher_arch(self.meter.teacher_config))
+
+    def calibrate(self, teacher_ms: float) -> None:
+        self.scale = teacher_ms / self.teacher_predicted()
+
+
+# ---------------------------------------------------------------------------------- the budget
+
+
+@dataclass(frozen=True)
+class Verdict:
+    latency_ms: float
+    source: str  # predicted | measured | measured (guard band)
+    predicted_ms: float | None  # the table's raw prediction (None: no table)
+    latency_scale: float | None
+    budget_ms: float | None  # the latency budget checked against
+    params: int
+    violation: float  # how far over the tightest budget, as a fraction (<= 0: fits)
+    seconds: float  # the check itself, without storage writes
+
+    @property
+    def fits(self) -> bool:
+        return self.violation <= 0
+
+
+class Budget:
+    """The budget of one search process; see the module docstring."""
+
+    def __init__(self, cfg, latency: LatencyModel, params_of: Callable[[ArchConfig], int], *,
+                 budget_ms: float | None, study: optuna.Study | None = None):
+        self.cfg, self.latency, self.params_of = cfg, latency, params_of
+        self.budget_ms, self.study = budget_ms, study
+
+    # -- resolving and tightening
+    @classmethod
+    def resolve(cls, run, study: optuna.Study) -> Budget:
+        """This process's budget. The first process on a study stores the teacher's figures;
+        later ones keep the lowest teacher reading seen (load only ever slows)."""
+        attrs, b, lat = study.user_attrs, run.cfg.budget, run.latency
+        first = "teacher_ms" not in attrs
+        measure = first or b.speedup is not None or lat.source == "predicted"
+        now = lat.meter.teacher_ms() if measure else attrs["teacher_ms"]
+        teacher_ms = now if first else min(now, attrs["teacher_ms"])
+        lat.calibrate(teacher_ms if b.speedup is not None else now)
+        budget = cls(b, lat, run.params_of, budget_ms=_latency_budget(b, teacher_ms),
+                     study=study)
+        budget._check_reachable(run.space, teacher_ms)
+        predicted = lat.teacher_predicted()
+        if predicted is not None and abs(now / predicted - 1.0) > 0.15:
+            log.warning(
+                "the latency table predicts the teacher at %.2f ms, measured now at %.2f ms: "
+                "predictions are scaled by %.3f; if this persists, re-profile "
+                "(run_search.py profile --fresh)", predicted, now, now / predicted)
+        if first:
+            if predicted is not None:
+                study.set_user_attr("teacher_predicted_ms", predicted)
+            study.set_user_attr("teacher_ms", teacher_ms)
+            study.set_user_attr("budget_ms", budget.budget_ms)
+            study.set_user_attr("teacher_dev", run.teacher_dev)
+            study.set_user_attr("teacher_params", run.teacher_params)
+            study.set_user_attr("space_size", run.space.size)
+        else:
+            budget._record(teacher_ms)
+        return budget
+
+    def tighten(self) -> None:
+        """Measure the teacher again (a ``speedup`` budget only); a faster reading tightens."""
+        if self.cfg.speedup is None:
+            return
+        teacher_ms = min(self.latency.meter.teacher_ms(), self.study.user_attrs["teacher_ms"])
+        self.budget_ms = min(self.budget_ms, teacher_ms / self.cfg.speedup)
+        self.latency.calibrate(teacher_ms)
+        self._record(teacher_ms)
+
+    def _record(self, teacher_ms: float) -> None:
+        if self.study is not None and teacher_ms < self.study.user_attrs["teacher_ms"]:
+            log.info("teacher measured faster (%.2f ms): speedup budget now %.2f ms",
+                     teacher_ms, self.budget_ms)
+            self.study.set_user_attr("teacher_ms", teacher_ms)
+            self.study.set_user_attr("budget_ms", self.budget_ms)
+
+    def _check_reachable(self, space, teacher_ms: float) -> None:
+        b = self.cfg
+        if self.budget_ms is not None:
+            smallest = space.smallest()
+            fast = self.latency.ms(smallest)
+            if fast > self.budget_ms:
+                which = " and ".join(f"budget.{k}={getattr(b, k)}"
+                                     for k in ("speedup", "latency_ms") if getattr(b, k))
+                raise UserError(
+                    f"{which}: the fastest candidate of the space ({smallest.name}) takes "
+                    f"{fast:.2f} ms at batch {b.batch_size}, seq_len {b.seq_len}, over the budget "
+                    f"of {self.budget_ms:.2f} ms (teacher {teacher_ms:.2f} ms); relax the budget "
+                    "or add smaller choices to space")
+        if b.max_params is not None:
+            p = min(self.params_of(a) for a in space.all_archs())
+            if p > b.max_params:
+                raise UserError(
+                    f"budget.max_params={b.max_params}: the smallest candidate has {p} parameters;"
+                    " raise it or add smaller choices (embedding_size shrinks the vocabulary matrix)")
+
+    # -- checking
+    def latency_of(self, arch: ArchConfig) -> tuple[float, str]:
+        """The latency model's figure; a prediction within the guard band of the budget is
+        replaced by a measurement."""
+        ms = self.latency.ms(arch)
+        if self.latency.source == "predicted" and self.budget_ms is not None and \
+                abs(ms / self.budget_ms - 1.0) <= self.cfg.guard_band:
+            return self.latency.meter.arch_ms(arch), "measured (guard band)"
+        return ms, self.latency.source
+
+    def violation(self, latency_ms: float, params: int) -> float:
+        out = [-1.0]
+        if self.budget_ms is not None:
+            out.append(latency_ms / self.budget_ms - 1.0)
+        if self.cfg.max_params is not None:
+            out.append(params / self.cfg.max_params - 1.0)
+        return max(out)
+
+    def check(self, arch: ArchConfig) -> Verdict:
+        t0 = time.perf_counter()
+        ms, source = self.latency_of(arch)
+        params = self.params_of(arch)
+        return Verdict(ms, source, self.latency.raw(arch), self.latency.scale, self.budget_ms,
+                       params, self.violation(ms, params), time.perf_counter() - t0)
+
+
+def _latency_budget(b, teacher_ms: float) -> float | None:
+    budgets = [x for x in (b.latency_ms, teacher_ms / b.speedup if b.speedup else None)
+               if x is not None]
+    return min(budgets) if budgets else None

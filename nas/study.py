@@ -1,0 +1,231 @@
+"""A study: where it is stored, how it is created, loaded and resumed, and what it holds.
+
+Every trial's params are the space's choices, so ``FixedTrial(trial.params)`` rebuilds its
+architecture; what became of it is its ``TrialRecord`` (``nas/record.py``). A study's
+``user_attrs`` hold its config (so ``resume`` needs nothing else), ``n_trials``, and the budget's
+figures (``nas/budget.py``). ``n_trials`` counts trained candidates across every process on the
+study; rejected, invalid and duplicate candidates do not count.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from tacnas.errors import UserError
+from tacnas.nas.config import RunConfig, config_from_dict
+from tacnas.nas.record import TrialRecord, TrialStatus
+from tacnas.searchspace.arch import ArchConfig
+
+# ------------------------------------------------------------------------------ storage, study
+
+
+def run_folder(run_dir: str | Path, study: str) -> Path:
+    """``runs/<study>/``: study.db (the default storage), config.yaml, checkpoints/, exports/."""
+    return Path(run_dir).absolute() / study
+
+
+def checkpoint_dir(run_dir: str | Path, study: str, number: int) -> Path:
+    return run_folder(run_dir, study) / "checkpoints" / f"trial_{number}"
+
+
+def default_storage(run_dir: str | Path, study: str) -> str:
+    path = run_folder(run_dir, study) / "study.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str, *, heartbeat_interval: int = 10, grace_period: int = 30):
+    """An RDB URL (sqlite:///, postgresql://, mysql://) or ``journal:///path/to/file.log``."""
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=3)
+    try:
+        if url.startswith("journal://"):
+            path = url[len("journal://"):]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(path))
+        kwargs = {}
+        if url.startswith("sqlite"):
+            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        return RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                          heartbeat_stale_trial_callback=retry, **kwargs)
+    except Exception as e:
+        raise UserError(
+            f"--storage {url}: cannot open ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "use sqlite:///path.db, postgresql://user@host/db or journal:///path.log"
+        ) from None
+
+
+def is_multi_objective(cfg: RunConfig) -> bool:
+    return cfg.search.sampler == "nsga2" or cfg.search.multi_objective
+
+
+def directions(cfg: RunConfig) -> list[str]:
+    return ["maximize", "minimize"] if is_multi_objective(cfg) else ["maximize"]
+
+
+def make_sampler(cfg: RunConfig, *, offset: int = 0):
+    """``offset`` (the number of trials already in the study) keeps a resumed sampler from
+    replaying the first process's random draws."""
+    seed = cfg.seed + offset
+    s = cfg.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                      n_startup_trials=s.n_startup_trials)
+
+
+def make_pruner(cfg: RunConfig):
+    s, p = cfg.search, cfg.proxy
+    if s.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=s.n_startup_trials)
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, p.eval_every), max_resource=p.steps)
+    return optuna.pruners.NopPruner()
+
+
+_IGNORED_FOR_MATCH = {("search", "n_trials"), ("search", "timeout"), ("distill",)}
+
+
+def _differences(a: dict, b: dict, prefix=()) -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if (*prefix, k) in _IGNORED_FOR_MATCH:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, (*prefix, k))
+        elif va != vb:
+            out.append(".".join((*prefix, k)))
+    return out
+
+
+def _summary(storage, name: str):
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if s.study_name == name:
+            return s
+    return None
+
+
+def _open_for(url: str, cfg: RunConfig):
+    return open_storage(url, heartbeat_interval=cfg.search.heartbeat_interval,
+                        grace_period=cfg.search.grace_period)
+
+
+def _load(name: str, storage, cfg: RunConfig, n_trials: int) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage,
+                             sampler=make_sampler(cfg, offset=n_trials), pruner=make_pruner(cfg))
+
+
+def load_study(name: str, storage_url: str) -> optuna.Study:
+    """Load an existing study (for resume/status/export), with a sampler rebuilt from its config."""
+    summary = _summary(open_storage(storage_url), name)
+    if summary is None:
+        raise UserError(
+            f"--study {name}: no such study in {storage_url}; run `search` first or check --storage"
+        )
+    cfg = stored_config(summary.user_attrs, name)
+    return _load(name, _open_for(storage_url, cfg), cfg, summary.n_trials)
+
+
+def stored_config(user_attrs: dict, name: str) -> RunConfig:
+    if "config" not in user_attrs:
+        raise UserError(f"--study {name}: this study was not made by tacnas (no stored config)")
+    return config_from_dict(user_attrs["config"], source=f"study {name}")
+
+
+def create_or_load(name: str, storage_url: str, cfg: RunConfig) -> optuna.Study:
+    """A new study, or the existing one with the same config (many workers share one study)."""
+    storage = _open_for(storage_url, cfg)
+    summary = _summary(storage, name)
+    deadline = time.monotonic() + 60
+    while summary is not None and "config" not in summary.user_attrs \
+            and time.monotonic() < deadline:  # another worker is creating it right now
+        time.sleep(0.5)
+        summary = _summary(storage, name)
+    if summary is not None:
+        # through today's config class, so a setting added since (at its default) is no change
+        diff = _differences(stored_config(summary.user_attrs, name).to_dict(), cfg.to_dict())
+        if diff:
+            raise UserError(
+                f"--study {name}: exists in {storage_url} with a different config (differs at "
+                f"{', '.join(diff[:5])}); use `resume --study {name}` or a new --study name"
+            )
+        return _load(name, storage, cfg, summary.n_trials)
+    study = optuna.create_study(
+        study_name=name, storage=storage, directions=directions(cfg),
+        sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True,
+    )
+    study.set_user_attr("config", cfg.to_dict())
+    return study
+
+
+# ------------------------------------------------------------------------------------ queries
+
+
+def trained_count(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False,
+                                           states=(TrialState.COMPLETE, TrialState.PRUNED))
+               if (s := TrialRecord.read(t).status) is not None and s.counts)
+
+
+def finished_same_arch(study: optuna.Study, name: str, number: int) -> FrozenTrial | None:
+    """A finished trial that checked (and trained, if it fit) the architecture ``name``."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        r = TrialRecord.read(t)
+        if t.number != number and r.arch_name == name and \
+                r.status in (TrialStatus.TRAINED, TrialStatus.OVER_BUDGET):
+            return t
+    return None
+
+
+def feasible_trained(study: optuna.Study) -> list[FrozenTrial]:
+    """Trained trials within every budget, including the study's final latency budget (which
+    can only have tightened since a trial was checked)."""
+    budget_ms = study.user_attrs.get("budget_ms")
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        r = TrialRecord.read(t)
+        if r.trained and all(v <= 0 for v in t.constraints.values()) and \
+                (budget_ms is None or r.latency_ms <= budget_ms):
+            out.append(t)
+    return out
+
+
+def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The non-dominated trials over (score up, latency down), fastest first."""
+    key = {t.number: (r.score, r.latency_ms) for t in trials if (r := TrialRecord.read(t))}
+
+    def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+        (sa, la), (sb, lb) = key[a.number], key[b.number]
+        return sa >= sb and la <= lb and (sa > sb or la < lb)
+
+    front = [t for t in trials if not any(dominates(o, t) for o in trials)]
+    return sorted(front, key=lambda t: key[t.number][1])
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best feasible trained trial (single objective), or the feasible trained Pareto front
+    over (score up, latency down) for a multi-objective study."""
+    done = feasible_trained(study)
+    if not done:
+        return []
+    if len(study.directions) == 1:
+        return [max(done, key=lambda t: (t.value, -t.number))]
+    return pareto_front(done)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The one trial to export: the best, or the highest-scoring member of the front."""
+    best = best_trials(study)
+    return max(best, key=lambda t: TrialRecord.read(t).score) if best else None
+
+
+def arch_of(trial: FrozenTrial) -> ArchConfig:
+    return TrialRecord.read(trial).arch
