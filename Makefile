@@ -26,9 +26,10 @@ $(NNI_STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# one command from the config to a distilled student to ship (search, then the distill recipe)
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python run_search.py search --config configs/demo.yaml --study demo
-	HF_HUB_OFFLINE=1 $(BIN)/python run_search.py export --study demo --out runs/demo/exports/best
+	HF_HUB_OFFLINE=1 $(BIN)/python run_search.py compress --config configs/demo.yaml --study demo \
+		--out runs/demo/final
 
 test: $(STAMP) $(NNI_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

@@ -44,10 +44,10 @@ from tacnas.nas.study import (  # noqa: E402
 METHODS = {
     "differentiable": ["search.strategy=differentiable", "differentiable.steps=400",
                        "differentiable.warmup_steps=150"],
-    "tpe / distill proxy": ["search.sampler=tpe"],
+    "tpe / distill proxy": ["search.sampler=tpe", "proxy.kind=distill", "proxy.steps=200"],
     "tpe / supernet proxy": ["search.sampler=tpe", "proxy.kind=supernet", "proxy.steps=20",
                              "proxy.supernet_steps=800"],
-    "random / distill proxy": ["search.sampler=random"],
+    "random / distill proxy": ["search.sampler=random", "proxy.kind=distill", "proxy.steps=200"],
 }
 
 

@@ -173,8 +173,17 @@ def _strata(labels: list):
     return labels if np.unique(labels, return_counts=True)[1].min() >= 2 else None
 
 
-def _stratified(texts, labels, frac: float, seed: int):
+MIN_SPLIT = 2  # rows a split needs at the least (a score on one row means nothing)
+
+
+def _stratified(texts, labels, frac: float, seed: int, *, name: str, field: str):
     """Split off ``frac``, stratified where ``_strata`` allows."""
+    held = int(np.ceil(frac * len(texts)))
+    if held < MIN_SPLIT or len(texts) - held < MIN_SPLIT:
+        raise UserError(
+            f"{field}: {len(texts)} distinct rows are too few to split off a {name} split of "
+            f"{frac:.0%} (at least {MIN_SPLIT} rows in each part); add data, raise {field}, or "
+            "give your own splits in task.data_files")
     a_t, b_t, a_y, b_y = train_test_split(
         texts, labels, test_size=frac, random_state=seed, stratify=_strata(labels)
     )
@@ -208,6 +217,12 @@ def load_task(task, tokenizer, *, teacher_config=None, seed: int = 0) -> TaskDat
                     f"{order}; list every label in task.labels"
                 )
         splits[name] = (texts, [index[str(y)] for y in labels])
+    classes = {y for y in splits["train"][1]}
+    if len(classes) < 2:
+        raise UserError(
+            f"task.label_field: the train data of column {task.label_field!r} holds one class "
+            f"({order[next(iter(classes))] if classes else 'none'}); a classifier needs at least "
+            "two (check the column, or task.problem: regression for scores)")
     return _finish(task, splits, tokenizer, order, seed)
 
 
@@ -236,11 +251,13 @@ def _finish(task, splits: dict, tokenizer, order: list[str], seed: int) -> TaskD
         train_t, train_y = [train_t[i] for i in keep], [train_y[i] for i in keep]
     made_dev = "dev" not in splits
     if made_dev:
-        train_t, train_y, dev_t, dev_y = _stratified(train_t, train_y, task.split.dev, seed)
+        train_t, train_y, dev_t, dev_y = _stratified(train_t, train_y, task.split.dev, seed,
+                                                     name="dev", field="task.split.dev")
         splits["dev"] = (dev_t, dev_y)
     if "test" not in splits:
         frac = task.split.test / (1 - task.split.dev) if made_dev else task.split.test
-        train_t, train_y, test_t, test_y = _stratified(train_t, train_y, min(frac, 0.5), seed + 1)
+        train_t, train_y, test_t, test_y = _stratified(train_t, train_y, min(frac, 0.5), seed + 1,
+                                                       name="test", field="task.split.test")
         splits["test"] = (test_t, test_y)
     if task.max_train_samples and len(train_t) > task.max_train_samples:
         train_t, _, train_y, _ = train_test_split(

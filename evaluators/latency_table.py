@@ -43,6 +43,10 @@ from tacnas.errors import UserError
 from tacnas.searchspace.arch import ArchConfig
 
 BACKENDS = ("torch", "onnxruntime")
+
+
+class CorruptTable(UserError):
+    """A latency table file that does not parse."""
 TABLE_VERSION = 1
 
 
@@ -210,8 +214,9 @@ class LatencyTable:
                         profile_seconds=d.get("profile_seconds", 0.0),
                         unit_ms=d.get("unit_ms"), layer_model=d.get("layer_model", {}))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"budget.latency_table {path}: not a latency table ({e}); "
-                            "run `run_search.py profile --config FILE` to make one") from None
+            raise CorruptTable(f"budget.latency_table {path}: not a latency table ({e}); run "
+                               "`run_search.py profile --fresh --config FILE` to make it again"
+                               ) from None
         if "layer_model" not in d:  # a table from before the layer model: fit it now
             refit(table, known_archs(table))
         if expect is not None:

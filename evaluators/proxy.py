@@ -18,6 +18,8 @@ from transformers import PreTrainedModel
 from tacnas.evaluators.data import TaskData
 from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.training import (
+    Diverged,
+    check_finite,
     kd_loss,
     make_optimizer,
     optimizer_step,
@@ -77,6 +79,9 @@ class DistillationProxy:
 
     def score(self, model: PreTrainedModel) -> dict:
         logits = predict_logits(model, self.data.dev)
+        if not torch.isfinite(logits).all():
+            raise Diverged("proxy.lr: a candidate's dev logits are not finite (the training "
+                           "diverged); lower proxy.lr")
         return compute_metrics(logits, self.data.dev.labels, self.dev_logits)
 
     def evaluate(
@@ -103,7 +108,8 @@ class DistillationProxy:
             out = model(**self.data.train.batch(idx)).logits
             loss = kd_loss(out, self.train_logits[idx], self.data.train.labels[idx],
                            temperature=self.temperature, alpha_ce=self.alpha_ce)
-            optimizer_step(loss, opt, params=model.parameters(), scheduler=sched)
+            optimizer_step(loss, opt, params=model.parameters(), scheduler=sched,
+                           lr_key="proxy.lr")
             if self.eval_every and step % self.eval_every == 0 and step < self.steps:
                 s = self.score(model)[metric]
                 curve.append((step, s))
@@ -111,6 +117,7 @@ class DistillationProxy:
                 if report is not None and report(step, s):
                     raise Stopped(step, s)
         seconds = time.perf_counter() - start
+        check_finite(model, what=f"candidate {arch.name}", lr_key="proxy.lr")
         metrics = self.score(model)
         curve.append((self.steps, metrics[metric]))
         if report is not None:
@@ -154,23 +161,27 @@ def train_supernet(proxy: SupernetProxy, *, progress: bool):
 
     from safetensors.torch import load_file, save_file
 
-    from tacnas.evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
+    from tacnas.evaluators.checkpoint import discard, resume, save_checkpoint
     from tacnas.searchspace.supernet import Supernet
 
     torch.manual_seed(proxy.seed)
     net = Supernet(proxy.space, proxy.teacher)
     final = proxy.path / "supernet.safetensors"
     if final.is_file():
-        net.load_state_dict(load_file(final))
-        return net.eval()
+        try:
+            weights = load_file(final)
+            net.load_state_dict(weights)
+            return net.eval()
+        except Exception as e:  # a truncated cache: train it again
+            discard(final, e)
+            torch.manual_seed(proxy.seed)
+            net = Supernet(proxy.space, proxy.teacher)
     archs = list(proxy.space.all_archs())
     opt = torch.optim.AdamW(net.parameters(), lr=proxy.supernet_lr, weight_decay=0.01)
     ckpt = proxy.path / "training"
     parts = {"modules": {"supernet": net}, "objects": {"optimizer": opt}}
-    saved = read_state(ckpt)
+    saved = resume(ckpt, **parts)
     step = saved["step"] if saved else 0
-    if saved:
-        load_checkpoint(ckpt, **parts)
     rng = random.Random(proxy.seed)
     picks = [rng.randrange(len(archs)) for _ in range(proxy.supernet_steps)]
     batches = shuffled_batches(len(proxy.data.train), proxy.batch_size, proxy.seed,
@@ -183,7 +194,7 @@ def train_supernet(proxy: SupernetProxy, *, progress: bool):
         out = net(archs[picks[step]], **proxy.data.train.batch(idx)).logits
         loss = kd_loss(out, proxy.train_logits[idx], proxy.data.train.labels[idx],
                        temperature=proxy.temperature, alpha_ce=proxy.alpha_ce)
-        optimizer_step(loss, opt, params=net.parameters())
+        optimizer_step(loss, opt, params=net.parameters(), lr_key="proxy.supernet_lr")
         step += 1
         bar.update(1)
         if step % 100 == 0 or step == proxy.supernet_steps:

@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from tacnas.errors import UserError
+from tacnas.evaluators.checkpoint import discard
 from tacnas.evaluators.data import Split, TaskData
 from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.training import (
+    check_finite,
     make_optimizer,
     optimizer_step,
     predict_logits,
@@ -36,8 +38,17 @@ log = logging.getLogger(__name__)
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    root = cache_dir or os.environ.get("TACNAS_CACHE") or Path.home() / ".cache" / "tacnas"
-    return Path(root).expanduser()
+    root = Path(cache_dir or os.environ.get("TACNAS_CACHE") or Path.home() / ".cache" / "tacnas")
+    root = root.expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cache_dir {root}: not a writable folder ({e.strerror}); set cache_dir "
+                        "(or $TACNAS_CACHE) to one you can write") from None
+    return root
 
 
 def resolve_source(name: str) -> str:
@@ -136,11 +147,18 @@ def load_teacher(cfg, data: TaskData, *, tokenizer, cache_dir: Path, seed: int,
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir / "teachers" / key
+    model = None
     if (folder / "config.json").is_file():
-        log.info("teacher: reusing the fine-tuned teacher cached at %s", folder)
-    else:
+        try:
+            model = _load_classifier(str(folder))
+            check_finite(model, what="the cached teacher")
+            log.info("teacher: reusing the fine-tuned teacher cached at %s", folder)
+        except UserError as e:  # a truncated cache: fine-tune again
+            discard(folder, e)
+            model = None
+    if model is None:
         _finetune(cfg, source, tokenizer, data, folder, recipe, seed=seed, progress=progress)
-    model = _load_classifier(str(folder))
+        model = _load_classifier(str(folder))
     return Teacher(model.eval(), tokenizer, str(folder), key)
 
 
@@ -159,9 +177,11 @@ def _finetune(cfg, source: str, tokenizer, data: TaskData, folder: Path, recipe:
     for _ in bar:
         idx = next(batches)
         loss = model(**data.train.batch(idx), labels=data.train.labels[idx]).loss
-        optimizer_step(loss, opt, params=model.parameters(), scheduler=sched)
+        optimizer_step(loss, opt, params=model.parameters(), scheduler=sched,
+                       lr_key="teacher.lr")
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    check_finite(model, what="the fine-tuned teacher", lr_key="teacher.lr")
     dev = compute_metrics(predict_logits(model, data.dev), data.dev.labels)
     log.info("teacher: fine-tuned %d steps in %.0f s, dev %s %.4f",
              steps, time.perf_counter() - start, data.metric, dev[data.metric])
@@ -181,7 +201,13 @@ def teacher_logits(teacher: Teacher, split: Split, *, name: str, cache_dir: Path
     """The teacher's logits on ``split``, computed once and cached on disk (safetensors)."""
     path = cache_dir / "logits" / f"{teacher.fingerprint}-{split.fingerprint()}.safetensors"
     if path.is_file():
-        return load_file(path)["logits"]
+        try:
+            logits = load_file(path)["logits"]  # a cache hit never touches the model
+            if logits.dim() != 2 or len(logits) != len(split) or not torch.isfinite(logits).all():
+                raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(split)} rows")
+            return logits
+        except Exception as e:  # truncated or foreign: compute them again
+            discard(path, e)
     with tqdm(total=len(split), desc=f"teacher logits ({name})", disable=not progress,
               unit="ex") as bar:
         logits = predict_logits(teacher.model, split, batch_size=128, progress=bar)

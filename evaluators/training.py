@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
+from tacnas.errors import UserError
 from tacnas.evaluators.data import Split
 
 
@@ -44,17 +45,37 @@ def _batches(n, batch_size, seed, lengths, group) -> Iterator[torch.Tensor]:
             yield batches[k]
 
 
+class Diverged(UserError):
+    """Training produced a non-finite loss, gradient, weight or output: nothing it made can be
+    used. The message names the learning rate to lower."""
+
+
 def optimizer_step(loss: torch.Tensor, optimizer, *, params=None, scheduler=None,
-                   max_norm: float | None = 1.0) -> None:
+                   max_norm: float | None = 1.0, lr_key: str = "the learning rate") -> None:
     """The one update every trainer makes: backward, clip the gradient norm of ``params`` to
-    ``max_norm`` (None: no clipping), step, advance the schedule, clear the gradients."""
+    ``max_norm`` (None: no clipping), step, advance the schedule, clear the gradients. A
+    non-finite loss or gradient raises ``Diverged`` before the weights are touched."""
+    if not torch.isfinite(loss.detach()).all():
+        raise Diverged(f"{lr_key}: training diverged (loss {loss.item()}); lower {lr_key}")
     loss.backward()
     if max_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise Diverged(f"{lr_key}: training diverged (gradient norm {norm.item()}); "
+                           f"lower {lr_key}")
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def check_finite(model, *, what: str, lr_key: str = "the learning rate") -> None:
+    """Raise ``Diverged`` if any weight of ``model`` is NaN or infinite."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise Diverged(f"{lr_key}: {what} has non-finite weights ({len(bad)} tensors, e.g. "
+                       f"{bad[0]}): the training diverged; lower {lr_key}")
 
 
 def make_optimizer(model, *, lr: float, steps: int, warmup_ratio: float, weight_decay: float = 0.01):

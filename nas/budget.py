@@ -14,6 +14,9 @@
   predicted / speedup), whatever state the machine was in while profiling.
 - A candidate predicted within ``guard_band`` of the budget (where the table's error could flip
   the decision) is measured directly instead.
+- One impossible reading does not rule a study: a teacher reading under half of both the other
+  readings and the table's prediction is an outlier (``outlier``), ignored with a warning; a
+  study's stored figure that a fresh measurement shows to be one is replaced, said so.
 
 ``Budget.check(arch)`` returns a ``Verdict``: the latency it used and where it came from, the
 parameter count and how far over the tightest budget the candidate is. The study keeps the
@@ -24,6 +27,7 @@ records the budget it was checked against.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,20 +135,24 @@ class Budget:
                  budget_ms: float | None, study: optuna.Study | None = None):
         self.cfg, self.latency, self.params_of = cfg, latency, params_of
         self.budget_ms, self.study = budget_ms, study
+        self.readings: list[float] = []  # the teacher's plausible readings in this process
 
     # -- resolving and tightening
     @classmethod
     def resolve(cls, run, study: optuna.Study) -> Budget:
         """This process's budget. The first process on a study stores the teacher's figures;
-        later ones keep the lowest teacher reading seen (load only ever slows)."""
+        later ones keep the lowest plausible teacher reading seen (load only ever slows)."""
         attrs, b, lat = study.user_attrs, run.cfg.budget, run.latency
         first = "teacher_ms" not in attrs
         measure = first or b.speedup is not None or lat.source == "predicted"
         now = lat.meter.teacher_ms() if measure else attrs["teacher_ms"]
-        teacher_ms = now if first else min(now, attrs["teacher_ms"])
+        stored, now, replaced = _reconcile(study.study_name, attrs.get("teacher_ms"), now,
+                                           lat.teacher_predicted())
+        teacher_ms = now if stored is None else min(now, stored)
         lat.calibrate(teacher_ms if b.speedup is not None else now)
         budget = cls(b, lat, run.params_of, budget_ms=_latency_budget(b, teacher_ms),
                      study=study)
+        budget.readings = [x for x in (stored, now) if x is not None]
         budget._check_reachable(run.space, teacher_ms)
         predicted = lat.teacher_predicted()
         if predicted is not None and abs(now / predicted - 1.0) > 0.15:
@@ -155,20 +163,30 @@ class Budget:
         if first:
             if predicted is not None:
                 study.set_user_attr("teacher_predicted_ms", predicted)
-            study.set_user_attr("teacher_ms", teacher_ms)
-            study.set_user_attr("budget_ms", budget.budget_ms)
             study.set_user_attr("teacher_dev", run.teacher_dev)
             study.set_user_attr("teacher_params", run.teacher_params)
             study.set_user_attr("space_size", run.space.size)
+        if first or replaced:
+            study.set_user_attr("teacher_ms", teacher_ms)
+            study.set_user_attr("budget_ms", budget.budget_ms)
         else:
             budget._record(teacher_ms)
         return budget
 
     def tighten(self) -> None:
-        """Measure the teacher again (a ``speedup`` budget only); a faster reading tightens."""
+        """Measure the teacher again (a ``speedup`` budget only); a faster reading tightens,
+        unless it is an outlier (see ``outlier``)."""
         if self.cfg.speedup is None:
             return
-        teacher_ms = min(self.latency.meter.teacher_ms(), self.study.user_attrs["teacher_ms"])
+        reading = self.latency.meter.teacher_ms()
+        predicted = self.latency.teacher_predicted()
+        if outlier(reading, self.readings, predicted):
+            log.warning("a teacher reading of %.2f ms is ignored: an outlier against the other "
+                        "readings (median %.2f ms)%s", reading, statistics.median(self.readings),
+                        "" if predicted is None else f" and the table's {predicted:.2f} ms")
+            return
+        self.readings.append(reading)
+        teacher_ms = min(reading, self.study.user_attrs["teacher_ms"])
         self.budget_ms = min(self.budget_ms, teacher_ms / self.cfg.speedup)
         self.latency.calibrate(teacher_ms)
         self._record(teacher_ms)
@@ -194,7 +212,7 @@ class Budget:
                     f"of {self.budget_ms:.2f} ms (teacher {teacher_ms:.2f} ms); relax the budget "
                     "or add smaller choices to space")
         if b.max_params is not None:
-            p = min(self.params_of(a) for a in space.all_archs())
+            p = min(self.params_of(a) for a in space.check_valid())
             if p > b.max_params:
                 raise UserError(
                     f"budget.max_params={b.max_params}: the smallest candidate has {p} parameters;"
@@ -224,6 +242,42 @@ class Budget:
         params = self.params_of(arch)
         return Verdict(ms, source, self.latency.raw(arch), self.latency.scale, self.budget_ms,
                        params, self.violation(ms, params), time.perf_counter() - t0)
+
+
+OUTLIER = 0.5  # a teacher reading under half of every reference is impossible, not fast
+
+
+def outlier(reading: float, others: list[float], predicted: float | None) -> bool:
+    """A teacher reading far below both the other readings (their median) and the latency
+    table's prediction, where there are any: a measurement fault (this shared machine has slow
+    spells of +50%, never the teacher at half its quiet time), not a new minimum."""
+    refs = ([statistics.median(others)] if others else []) + \
+        ([predicted] if predicted is not None else [])
+    return bool(refs) and all(reading < OUTLIER * r for r in refs)
+
+
+def _reconcile(name: str, stored: float | None, now: float,
+               predicted: float | None) -> tuple[float | None, float, bool]:
+    """The study's stored teacher figure against a fresh reading: ``(stored, now, replaced)``.
+    An implausible stored figure is replaced (and said so), an implausible fresh one ignored;
+    a stored figure much faster than the machine measures now is reported, and kept (the
+    lowest reading counts)."""
+    if stored is None or stored == now:
+        return stored, now, False
+    if outlier(stored, [now], predicted):
+        log.warning("study %s: its teacher figure of %.2f ms is implausible against a fresh "
+                    "measurement of %.2f ms%s: replaced by the fresh one", name, stored, now,
+                    "" if predicted is None else f" and the table's {predicted:.2f} ms")
+        return None, now, True
+    if outlier(now, [stored], predicted):
+        log.warning("a teacher reading of %.2f ms is ignored: an outlier against the study's "
+                    "%.2f ms", now, stored)
+        return stored, stored, False
+    if now > 1.25 * stored:
+        log.warning("the teacher measures %.2f ms now, the study's lowest reading is %.2f ms: "
+                    "the budget keeps the stricter figure (is the machine busier than when the "
+                    "study began?)", now, stored)
+    return stored, now, False
 
 
 def _latency_budget(b, teacher_ms: float) -> float | None:

@@ -238,7 +238,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UserError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {key}: the value {raw!r} is not valid YAML "
+                            f"({str(e).splitlines()[0]}); quote it, e.g. --set {key}='\"...\"'"
+                            ) from None
     return data
 
 
@@ -247,7 +252,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not p.is_file():
         raise UserError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not UTF-8 text (byte {e.start}); save it as UTF-8"
+                        ) from None
     return config_from_dict(apply_overrides(data, list(overrides)), source=str(path))

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tacnas.errors import UserError
-from tacnas.evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
+from tacnas.evaluators.checkpoint import resume, save_checkpoint
 from tacnas.evaluators.latency_table import LatencyTable
 from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.training import kd_loss, optimizer_step, predict_logits, shuffled_batches
@@ -231,11 +231,10 @@ def _start(run: Run, study: optuna.Study) -> _Search:
         torch.optim.Adam(alpha.parameters(), lr=d.arch_lr, betas=(0.5, 0.999)),
         run_folder(run.cfg.run_dir, study.study_name) / "checkpoints" / "differentiable",
         {"step": 0, "arch_steps": 0, "history": [], "seconds": 0.0})
-    saved = read_state(search.folder)
+    saved = resume(search.folder, modules={"supernet": net, "arch": alpha},
+                   objects={"opt_w": search.opt_w, "opt_a": search.opt_a})
     if saved is not None:
         search.state = saved
-        load_checkpoint(search.folder, modules={"supernet": net, "arch": alpha},
-                        objects={"opt_w": search.opt_w, "opt_a": search.opt_a})
         log.info("resuming the differentiable search at step %d of %d", saved["step"], d.steps)
     return search
 
@@ -252,7 +251,7 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev) -> dict:
     logits = s.net(arch, **data.train.batch(idx)).logits
     loss_w = kd_loss(logits, run.proxy.train_logits[idx], data.train.labels[idx],
                      temperature=p.temperature, alpha_ce=p.alpha_ce)
-    optimizer_step(loss_w, s.opt_w, params=s.net.parameters())
+    optimizer_step(loss_w, s.opt_w, params=s.net.parameters(), lr_key="differentiable.lr")
     out = {"tau": tau, "kd_train": loss_w.detach().item()}
     if warm:
         return out
@@ -265,7 +264,8 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev) -> dict:
                    temperature=p.temperature, alpha_ce=p.alpha_ce)
     e_lat = s.expected(s.alpha.probs()) * run.latency.scale
     l_lat = torch.relu(e_lat / budget_ms - 1.0) if budget_ms else e_lat * 0
-    optimizer_step(l_kd + d.latency_weight * l_lat, s.opt_a, max_norm=None)
+    optimizer_step(l_kd + d.latency_weight * l_lat, s.opt_a, max_norm=None,
+                   lr_key="differentiable.arch_lr")
     s.opt_w.zero_grad(set_to_none=True)  # the weights are not moved by dev data
     return {**out, "kd_dev": l_kd.detach().item(), "expected_ms": e_lat.detach().item()}
 

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tacnas.errors import UserError
-from tacnas.evaluators.checkpoint import load_checkpoint, read_state, save_checkpoint
+from tacnas.evaluators.checkpoint import read_state, resume, save_checkpoint
 from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.training import (
     kd_loss,
@@ -155,7 +155,9 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     """Train ``arch`` fully and write ``out`` as export does. Resumes from ``out/checkpoint``.
     ``layers``: the teacher layer each student layer starts from and is matched against
     (default: spread over the teacher's depth, as in the search)."""
-    from tacnas.nas.export import write_folder
+    from tacnas.nas.export import check_out, write_folder
+
+    check_out(out)
 
     d, data, teacher = run.cfg.distill, run.data, run.teacher.model
     if not run.space.contains(arch):
@@ -197,7 +199,8 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     while state["step"] < total and not stopped:
         idx = next(batches)
         loss = _loss(run, model, projection, features, idx, mapping)
-        optimizer_step(loss, opt, params=params.parameters(), scheduler=sched)
+        optimizer_step(loss, opt, params=params.parameters(), scheduler=sched,
+                       lr_key="distill.lr")
         state["step"] += 1
         bar.update(1)
         step = state["step"]
@@ -222,7 +225,7 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
                          "early_stopped": stopped, "curve": state["curve"],
                          "train_seconds": state["seconds"]}}
     return write_folder(run, best, arch, out, label=label, budget_ms=budget_ms, search=search,
-                        title=f"distilled {arch.name}", extra=extra)
+                        title=f"distilled {arch.name}", extra=extra, lr_key="distill.lr")
 
 
 def _loss(run: Run, model, projection, features: TeacherFeatures, idx: torch.Tensor,
@@ -275,6 +278,8 @@ def _resume(ckpt: Path, fresh: dict, *, modules: dict, objects: dict) -> dict:
         raise UserError(f"--out {ckpt.parent}: holds a checkpoint of {saved.get('arch')} "
                         f"({saved.get('total')} steps, teacher layers {saved.get('layers')}); "
                         "use another --out or delete it")
-    load_checkpoint(ckpt, modules=modules, objects=objects)
+    saved = resume(ckpt, modules=modules, objects=objects)
+    if saved is None:
+        return fresh
     log.info("resuming %s from step %d of %d", fresh["arch"], saved["step"], fresh["total"])
     return saved

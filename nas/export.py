@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import optuna
@@ -16,9 +18,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tacnas.errors import UserError
+from tacnas.evaluators.checkpoint import discard
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.evaluators.metrics import compute_metrics
-from tacnas.evaluators.training import predict_logits
+from tacnas.evaluators.training import check_finite, predict_logits
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.nas.report import comparison_text
@@ -60,11 +63,17 @@ def search_summary(study_name: str, trial: optuna.trial.FrozenTrial) -> dict:
 def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path) -> dict:
     arch = TrialRecord.read(trial).arch
     ckpt = checkpoint_dir(run.cfg.run_dir, study.study_name, trial.number)
+    model = None
     if (ckpt / "config.json").is_file():
-        model = AutoModelForSequenceClassification.from_pretrained(ckpt)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(ckpt)
+        except Exception as e:  # truncated: as if it were on another machine
+            discard(ckpt, e)
     else:
         log.warning("checkpoint %s not found here: training trial %d again", ckpt, trial.number)
+    if model is None:
         _, model = run.proxy.evaluate(arch, progress=run.progress)
+        model.save_pretrained(ckpt)  # the next export of it loads it
     return write_folder(run, model, arch, out, label=f"student (trial #{trial.number})",
                         title=f"{study.study_name} trial {trial.number}: {arch.name}",
                         budget_ms=study.user_attrs.get("budget_ms"),
@@ -73,10 +82,15 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
 
 def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
                  budget_ms: float | None, search: dict | None = None,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, lr_key: str = "proxy.lr") -> dict:
     """The Hugging Face folder (weights, tokenizer, arch.json) and its report: latency measured
     here (and predicted), beside the teacher's, in one run; dev and test scores of both."""
-    out.mkdir(parents=True, exist_ok=True)
+    check_finite(model, what=f"{label} ({arch.name})", lr_key=lr_key)
+    check_out(out)
+    final, out = out, out.with_name(out.name + ".tmp")  # built aside, swapped in when complete
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(run.teacher.path).save_pretrained(out)
     (out / "arch.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")
@@ -128,4 +142,38 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = comparison_text(report)
     (out / "report.md").write_text(f"# {title}\n\n```\n{text}\n```\n")
+    _swap_in(out, final, keep=WORK_FOLDERS)
     return report
+
+
+WORK_FOLDERS = ("checkpoint", "best")  # a distillation's own, kept in its output folder
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder that is new, empty, or an earlier export or distillation
+    (replaced); a user's own files are never overwritten."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; name a folder (it is created)")
+    if out.is_dir():
+        entries = {p.name for p in out.iterdir()}
+        ours = "arch.json" in entries or any(w in entries for w in WORK_FOLDERS)
+        if entries and not ours:
+            raise UserError(f"--out {out}: holds other files ({', '.join(sorted(entries)[:3])}"
+                            f"{', ...' if len(entries) > 3 else ''}); name a new or empty folder")
+
+
+def _swap_in(tmp: Path, out: Path, *, keep: tuple[str, ...] = ()) -> None:
+    """Replace ``out`` by the complete ``tmp`` (the entries named in ``keep`` move across), so
+    a killed export leaves the previous folder or none, never half of one."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    for name in keep:
+        if (out / name).exists():
+            os.replace(out / name, tmp / name)
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from tacnas.errors import UserError
 from tacnas.evaluators.metrics import WORST
 from tacnas.evaluators.proxy import Stopped
+from tacnas.evaluators.training import Diverged
 from tacnas.nas.budget import Budget
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import WORKER, TrialRecord, TrialStatus
@@ -34,6 +35,8 @@ from tacnas.nas.study import (
 from tacnas.searchspace.arch import InvalidArch
 
 log = logging.getLogger(__name__)
+
+GIVE_UP_DIVERGED = 3  # candidates diverged before any trained: the recipe, not the candidates
 
 
 class Objective:
@@ -88,6 +91,11 @@ class Objective:
             dataclasses.replace(rec, status=TrialStatus.PRUNED, score=s.score).write(
                 trial, "status", "score")
             raise optuna.TrialPruned(str(s)) from None
+        except Diverged as e:  # the trial FAILs (a NaN value), the study goes on
+            dataclasses.replace(rec, status=TrialStatus.DIVERGED, reason=str(e)).write(
+                trial, "status", "reason")
+            log.warning("trial %d (%s) failed: %s", trial.number, arch.name, e)
+            return self._values(math.nan, v.latency_ms)
         model.save_pretrained(checkpoint_dir(self.run.cfg.run_dir, self.study.study_name,
                                              trial.number))
         dataclasses.replace(
@@ -98,6 +106,10 @@ class Objective:
 
     def _reuse(self, trial: optuna.Trial, rec: TrialRecord, same: FrozenTrial):
         done = TrialRecord.read(same)
+        if done.status is TrialStatus.DIVERGED:  # it would diverge again: fail without training
+            dataclasses.replace(rec, status=TrialStatus.DIVERGED, duplicate_of=same.number,
+                                reason=done.reason, latency_ms=done.latency_ms).write(trial)
+            return self._values(math.nan, done.latency_ms)
         dataclasses.replace(
             rec, status=TrialStatus.DUPLICATE, duplicate_of=same.number,
             latency_ms=done.latency_ms, latency_source=done.latency_source,
@@ -151,12 +163,17 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
     target = study.user_attrs.get("n_trials")
     objective = Objective(run, study, budget)
     done = trained_count(study)
-    streak = {"untrained": 0, "exhausted": False, "stop": False}
+    streak = {"untrained": 0, "diverged": 0, "exhausted": False, "stop": False}
     bar = tqdm(total=target, initial=done, desc=f"search {study.study_name}", unit="trained",
                disable=not run.progress)
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
         status = TrialRecord.read(trial).status
+        if status is TrialStatus.DIVERGED:
+            streak["diverged"] += 1
+            if streak["diverged"] >= GIVE_UP_DIVERGED and trained_count(study) == 0:
+                streak["stop"] = True  # the recipe diverges for every candidate: say so now
+                study.stop()
         if status is not None and status.counts:
             budget.tighten()
             streak["untrained"] = 0
@@ -189,7 +206,12 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
             "the feasible part of the space may be exhausted (%d trained)",
             run.cfg.search.max_rejections, summary["trained"],
         )
-    if not any(TrialRecord.read(t).trained for t in study.get_trials(deepcopy=False)):
+    records = [TrialRecord.read(t) for t in study.get_trials(deepcopy=False)]
+    diverged = [r for r in records if r.status is TrialStatus.DIVERGED]
+    if not any(r.trained for r in records) and diverged:
+        raise UserError(f"{diverged[0].reason} (every candidate trained so far diverged: "
+                        f"{len(diverged)})")
+    if not any(r.trained for r in records):
         raise UserError(
             f"budget: no candidate met the budget of {budget.budget_ms:.2f} ms in "
             f"{len(study.trials)} tries; relax the budget or add smaller choices to space"

@@ -9,9 +9,11 @@ from pathlib import Path
 import torch
 
 from tacnas.errors import UserError
+from tacnas.evaluators.checkpoint import discard
 from tacnas.evaluators.data import TaskData, load_task
 from tacnas.evaluators.latency import LatencyMeter
 from tacnas.evaluators.latency_table import (
+    CorruptTable,
     LatencyTable,
     default_table_path,
     device_fingerprint,
@@ -92,6 +94,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
     log.info("teacher dev: %s", {k: round(v, 4) for k, v in teacher_dev.items()})
 
     space = cfg.space.build(teacher.head_size)
+    space.check_valid()
     if cfg.proxy.init == "teacher":
         tc = teacher.model.config
         check_width(max(space.hidden_size), max(space.intermediate_size), tc.hidden_size,
@@ -142,15 +145,23 @@ def check_backend(backend: str) -> None:
                             "pip install 'tacnas[onnx]' or use budget.backend: torch")
 
 
-def open_table(cfg: RunConfig, cache: Path) -> tuple[LatencyTable, Path]:
-    """This device's latency table for the budget's settings (empty if there is none yet).
-    A table given in ``budget.latency_table`` that was profiled elsewhere is refused."""
+def open_table(cfg: RunConfig, cache: Path, *, fresh: bool = False) -> tuple[LatencyTable, Path]:
+    """This device's latency table for the budget's settings (empty if there is none yet, or
+    with ``fresh``). A table given in ``budget.latency_table`` that was profiled elsewhere is
+    refused; the cached one, if it does not load, is profiled again."""
     b = cfg.budget
     fp = device_fingerprint(batch_size=b.batch_size, seq_len=b.seq_len, threads=b.threads,
                             backend=b.backend)
     path = Path(b.latency_table) if b.latency_table else default_table_path(cache, fp)
-    table = LatencyTable.load(path, expect=fp) if path.is_file() else LatencyTable(fp)
-    return table, path
+    if fresh or not path.is_file():
+        return LatencyTable(fp), path
+    try:
+        return LatencyTable.load(path, expect=fp), path
+    except CorruptTable as e:
+        if b.latency_table:  # the user's own file: theirs to replace (profile --fresh)
+            raise
+        discard(path, e)
+        return LatencyTable(fp), path
 
 
 def latency_table(cfg: RunConfig, meter: LatencyMeter, space: SearchSpace, cache: Path, *,
@@ -183,9 +194,7 @@ def profile_device(cfg: RunConfig, *, fresh: bool = False, progress: bool = True
     meter = LatencyMeter(tc, batch_size=b.batch_size, seq_len=b.seq_len, threads=b.threads,
                          warmup=b.warmup, repeats=b.repeats, rounds=b.rounds, backend=b.backend)
     cache = cache_root(cfg.cache_dir)
-    table, path = open_table(cfg, cache)
-    if fresh:
-        table = LatencyTable(table.fingerprint)
+    table, path = open_table(cfg, cache, fresh=fresh)
     try:
         archs = [*space.all_archs(), teacher_arch(tc)]
         done = ensure_profiled(table, meter, archs, path=path, progress=progress)

@@ -33,6 +33,7 @@ class TrialStatus(str, enum.Enum):
     OVER_BUDGET = "over_budget"  # checked (latency, params) and rejected, never trained
     INVALID = "invalid"  # the sampled combination is not an architecture
     DUPLICATE = "duplicate"  # the architecture was already checked or trained: reused
+    DIVERGED = "diverged"  # within budget, but its training diverged (non-finite): Optuna FAIL
 
     @property
     def counts(self) -> bool:
@@ -45,7 +46,7 @@ class TrialRecord:
     worker: str | None = None
     strategy: str | None = None  # None: an Optuna sampler; "differentiable"; "nni-..."
     status: TrialStatus | None = None  # None while the trial runs
-    reason: str | None = None  # why it is invalid
+    reason: str | None = None  # why it is invalid, or why its training failed
     arch: ArchConfig | None = None
     # the budget check
     latency_ms: float | None = None  # what the check used (calibrated prediction or measured)

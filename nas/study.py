@@ -9,6 +9,9 @@ study; rejected, invalid and duplicate candidates do not count.
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -22,12 +25,26 @@ from tacnas.nas.config import RunConfig, config_from_dict
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.searchspace.arch import ArchConfig
 
+log = logging.getLogger(__name__)
+
 # ------------------------------------------------------------------------------ storage, study
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(study: str) -> str:
+    """A study name is a name (it becomes a folder under the run directory), never a path."""
+    if not _NAME.fullmatch(study) or ".." in study:
+        raise UserError(f"--study {study!r}: a study name is 1-100 letters, digits, '.', '_' or "
+                        "'-' (starting with a letter or digit), not a path; use --run-dir or "
+                        "--storage to choose where it lives")
+    return study
 
 
 def run_folder(run_dir: str | Path, study: str) -> Path:
     """``runs/<study>/``: study.db (the default storage), config.yaml, checkpoints/, exports/."""
-    return Path(run_dir).absolute() / study
+    return Path(run_dir).absolute() / check_name(study)
 
 
 def checkpoint_dir(run_dir: str | Path, study: str, number: int) -> Path:
@@ -125,13 +142,20 @@ def _load(name: str, storage, cfg: RunConfig, n_trials: int) -> optuna.Study:
 
 def load_study(name: str, storage_url: str) -> optuna.Study:
     """Load an existing study (for resume/status/export), with a sampler rebuilt from its config."""
-    summary = _summary(open_storage(storage_url), name)
+    summary = _summary(open_storage(storage_url), check_name(name))
     if summary is None:
         raise UserError(
             f"--study {name}: no such study in {storage_url}; run `search` first or check --storage"
         )
     cfg = stored_config(summary.user_attrs, name)
     return _load(name, _open_for(storage_url, cfg), cfg, summary.n_trials)
+
+
+def _unstarted(storage, name: str) -> bool:
+    """No trial of the study has finished, and none is running (another worker's)."""
+    study = optuna.load_study(study_name=name, storage=storage)
+    return not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                         TrialState.RUNNING))
 
 
 def stored_config(user_attrs: dict, name: str) -> RunConfig:
@@ -141,9 +165,11 @@ def stored_config(user_attrs: dict, name: str) -> RunConfig:
 
 
 def create_or_load(name: str, storage_url: str, cfg: RunConfig) -> optuna.Study:
-    """A new study, or the existing one with the same config (many workers share one study)."""
+    """A new study, or the existing one with the same config (many workers share one study).
+    A study that has no finished trial yet takes a corrected config (a mistake found after it
+    was created must not lock its name)."""
     storage = _open_for(storage_url, cfg)
-    summary = _summary(storage, name)
+    summary = _summary(storage, check_name(name))
     deadline = time.monotonic() + 60
     while summary is not None and "config" not in summary.user_attrs \
             and time.monotonic() < deadline:  # another worker is creating it right now
@@ -152,11 +178,20 @@ def create_or_load(name: str, storage_url: str, cfg: RunConfig) -> optuna.Study:
     if summary is not None:
         # through today's config class, so a setting added since (at its default) is no change
         diff = _differences(stored_config(summary.user_attrs, name).to_dict(), cfg.to_dict())
-        if diff:
+        if diff and _unstarted(storage, name):
+            log.warning("study %s had no finished trial: its config is replaced (it differed at %s)",
+                        name, ", ".join(diff[:5]))
+            optuna.delete_study(study_name=name, storage=storage)
+            stale = run_folder(cfg.run_dir, name) / "checkpoints"  # a search's partial state
+            if stale.exists():
+                shutil.rmtree(stale)
+            summary, diff = None, []
+        elif diff:
             raise UserError(
                 f"--study {name}: exists in {storage_url} with a different config (differs at "
                 f"{', '.join(diff[:5])}); use `resume --study {name}` or a new --study name"
             )
+    if summary is not None:
         return _load(name, storage, cfg, summary.n_trials)
     study = optuna.create_study(
         study_name=name, storage=storage, directions=directions(cfg),
@@ -176,11 +211,12 @@ def trained_count(study: optuna.Study) -> int:
 
 
 def finished_same_arch(study: optuna.Study, name: str, number: int) -> FrozenTrial | None:
-    """A finished trial that checked (and trained, if it fit) the architecture ``name``."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    """A finished trial that checked (and trained, if it fit) the architecture ``name``; a
+    diverged one counts too (the same training would diverge again)."""
+    done = (TrialStatus.TRAINED, TrialStatus.OVER_BUDGET, TrialStatus.DIVERGED)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         r = TrialRecord.read(t)
-        if t.number != number and r.arch_name == name and \
-                r.status in (TrialStatus.TRAINED, TrialStatus.OVER_BUDGET):
+        if t.number != number and r.arch_name == name and r.status in done:
             return t
     return None
 

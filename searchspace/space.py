@@ -134,9 +134,24 @@ class SearchSpace:
             and heads_ok and emb_ok and grp_ok
         )
 
+    def check_valid(self) -> list[ArchConfig]:
+        """Every architecture of the space; a space without one is an error naming why its
+        combinations fail (heads, sharing groups, embedding width)."""
+        archs = list(self.all_archs())
+        if archs:
+            return archs
+        reasons = []
+        for layers, hidden, heads, ffn, emb, groups in self._raw():
+            try:
+                self._resolve(layers, hidden, heads or max(1, hidden // self.head_size), ffn,
+                              emb, groups)
+            except InvalidArch as e:
+                reason = str(e).split(":")[0] if "exceeds" in str(e) else str(e)
+                if reason not in reasons:
+                    reasons.append(reason)
+        raise UserError(f"space: no valid architecture ({'; '.join(reasons[:3])}); change those "
+                        "choices")
+
     def smallest(self) -> ArchConfig:
         """The cheapest architecture to run: the budget is unreachable if this one misses it."""
-        archs = list(self.all_archs())
-        if not archs:
-            raise UserError("space: no valid architecture (check num_heads against hidden_size)")
-        return min(archs, key=lambda a: a.flops(batch_size=1, seq_len=64))
+        return min(self.check_valid(), key=lambda a: a.flops(batch_size=1, seq_len=64))

@@ -72,9 +72,7 @@ class Supernet(nn.Module):
         parts = teacher_parts(teacher)  # a BERT teacher, or a random BERT at the max dims
         self.space, self.teacher_config = space, teacher.config
         self.head_size = parts["head_size"]
-        archs = list(space.all_archs())
-        if not archs:
-            raise UserError("space: no valid architecture (check num_heads against hidden_size)")
+        archs = space.check_valid()
         if any(a.head_size != self.head_size for a in archs):
             raise UserError(f"space: the supernet needs every head {self.head_size} wide (the "
                             f"teacher's); set space.head_size: {self.head_size}")

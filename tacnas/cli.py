@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -27,20 +28,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def storage_args(sp, run_dir=True):
-        sp.add_argument("--study", required=sp.prog.split()[-1] != "search",
-                        help="study name (search: default is the config file's name)")
+    def storage_args(sp, run_dir=True, study_required=True):
+        sp.add_argument("--study", required=study_required,
+                        help="study name (default: the config file's name)")
         sp.add_argument("--storage", help="Optuna storage URL (default: sqlite in the run folder)")
         if run_dir:
             sp.add_argument("--run-dir", default="runs", help="where runs/<study>/ lives")
 
-    s = sub.add_parser("search", help="start (or join) a search")
-    s.add_argument("--config", required=True)
-    storage_args(s, run_dir=False)
-    s.add_argument("--n-trials", type=int, help="trained candidates in the study, in total")
-    s.add_argument("--timeout", type=float, help="seconds for this process")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set search.n_trials=5")
+    def search_args(sp):
+        sp.add_argument("--config", required=True)
+        storage_args(sp, run_dir=False, study_required=False)
+        sp.add_argument("--n-trials", type=int, help="trained candidates in the study, in total")
+        sp.add_argument("--timeout", type=float, help="seconds of search in this process")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set search.n_trials=5")
+
+    search_args(sub.add_parser("search", help="start (or join) a search"))
+    c = sub.add_parser("compress", help="search, then distill the best student fully and "
+                                        "write it as a model to ship (search + distill)")
+    search_args(c)
+    c.add_argument("--out", help="the distilled student's folder (default: runs/<study>/final)")
 
     pr = sub.add_parser("profile", help="profile this device's latency table for a config")
     pr.add_argument("--config", required=True)
@@ -104,23 +111,73 @@ def _existing_storage(args) -> str:
     return f"sqlite:///{path}"
 
 
-def cmd_search(args) -> int:
-    from tacnas.nas.config import load_config
-    from tacnas.nas.pipeline import prepare
-    from tacnas.nas.study import create_or_load, run_folder
+def _positive(flag: str, value, *, none_ok: bool = True):
+    if value is None and none_ok:
+        return value
+    if value is None or value <= 0:
+        raise UserError(f"{flag} {value}: must be a positive number")
+    return value
 
-    overrides = list(args.set)
-    if args.n_trials is not None:
-        overrides.append(f"search.n_trials={args.n_trials}")
-    cfg = load_config(args.config, overrides)
+
+def _start_search(args, cfg):
+    """The study for ``search``/``compress``, created only once the task, the teacher and the
+    budget's inputs have been prepared (a mistake found there leaves no study behind)."""
+    from tacnas.nas.pipeline import prepare
+    from tacnas.nas.study import check_name, create_or_load, run_folder
+
     _check_strategy_installed(cfg)
-    name = args.study or Path(args.config).stem
+    name = check_name(args.study or Path(args.config).stem)
+    run = prepare(cfg, progress=not args.quiet)
     study = create_or_load(name, _storage(args, cfg.run_dir, name), cfg)
     folder = run_folder(cfg.run_dir, name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run = prepare(cfg, progress=not args.quiet)
+    return run, study
+
+
+def _search_config(args):
+    from tacnas.nas.config import load_config
+
+    _positive("--n-trials", args.n_trials)
+    _positive("--timeout", args.timeout)
+    overrides = list(args.set)
+    if args.n_trials is not None:
+        overrides.append(f"search.n_trials={args.n_trials}")
+    return load_config(args.config, overrides)
+
+
+def cmd_search(args) -> int:
+    cfg = _search_config(args)
+    run, study = _start_search(args, cfg)
     return _finish_search(run, study, cfg.search.n_trials, args.timeout or cfg.search.timeout)
+
+
+def cmd_compress(args) -> int:
+    """The one command from a config to a model to ship: the search (or its resumption), then
+    the config's ``distill`` recipe on the best trial, written and measured as ``export``."""
+    from tacnas.nas.distill import distill
+    from tacnas.nas.export import check_out, pick_trial, search_summary
+    from tacnas.nas.report import comparison_text
+    from tacnas.nas.study import arch_of, check_name, run_folder
+
+    cfg = _search_config(args)
+    name = check_name(args.study or Path(args.config).stem)
+    out = Path(args.out) if args.out else run_folder(cfg.run_dir, name) / "final"
+    check_out(out)
+    run, study = _start_search(args, cfg)
+    _finish_search(run, study, cfg.search.n_trials, args.timeout or cfg.search.timeout)
+    trial = pick_trial(study, None)
+    print(f"\ndistilling the best student, trial #{trial.number} ({arch_of(trial).name}), with "
+          f"the config's distill recipe into {out}")
+    report = distill(run, arch_of(trial), out, label=f"distilled (trial #{trial.number})",
+                     search=search_summary(name, trial),
+                     budget_ms=study.user_attrs.get("budget_ms"))
+    print(comparison_text(report))
+    dd = report["distill"]
+    print(f"\n{dd['steps_run']} distillation steps{' (early stop)' if dd['early_stopped'] else ''}"
+          f", best dev at step {dd['best_step']}; the model to ship: {out} "
+          "(AutoModelForSequenceClassification.from_pretrained loads it)")
+    return 0
 
 
 def _check_strategy_installed(cfg) -> None:
@@ -167,6 +224,8 @@ def cmd_resume(args) -> int:
     from tacnas.nas.pipeline import prepare
     from tacnas.nas.study import load_study, stored_config
 
+    _positive("--n-trials", args.n_trials)
+    _positive("--timeout", args.timeout)
     study = load_study(args.study, _existing_storage(args))
     cfg = stored_config(study.user_attrs, args.study)
     _check_strategy_installed(cfg)
@@ -199,7 +258,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from tacnas.nas.export import export_trial, pick_trial
+    from tacnas.nas.export import check_out, export_trial, pick_trial
     from tacnas.nas.pipeline import prepare
     from tacnas.nas.report import comparison_text
     from tacnas.nas.study import feasible_trained, load_study, pareto_front, stored_config
@@ -211,9 +270,14 @@ def cmd_export(args) -> int:
             raise UserError(f"--study {args.study}: no trained candidate within the budget yet")
     else:
         trials = [pick_trial(study, args.trial)]
+    outs = [Path(args.out) / f"trial_{t.number}" if args.pareto else Path(args.out)
+            for t in trials]
+    if args.pareto and Path(args.out).is_file():
+        raise UserError(f"--out {args.out}: is a file; name a folder (it is created)")
+    for out in outs:  # before the (long) preparation
+        check_out(out)
     run = prepare(stored_config(study.user_attrs, args.study), progress=not args.quiet)
-    for trial in trials:
-        out = Path(args.out) / f"trial_{trial.number}" if args.pareto else Path(args.out)
+    for trial, out in zip(trials, outs):
         report = export_trial(run, study, trial, out)
         print(comparison_text(report))
         print(f"\nexported to {out} (AutoModelForSequenceClassification.from_pretrained loads it)\n")
@@ -285,9 +349,15 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"profile": cmd_profile, "search": cmd_search, "resume": cmd_resume,
+COMMANDS = {"profile": cmd_profile, "search": cmd_search, "compress": cmd_compress, "resume": cmd_resume,
             "status": cmd_status, "export": cmd_export, "report": cmd_report,
             "distill": cmd_distill}
+
+
+def _not_a_failed_trial(record) -> bool:
+    """Optuna's report of a failed trial (with a traceback for Ctrl-C) is left out: a diverged
+    trial is reported by the search in one line, Ctrl-C by ours, a bug by its own traceback."""
+    return not re.match(r"Trial \d+ failed with", record.getMessage())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for handler in optuna.logging.get_logger("optuna").handlers:
+        handler.addFilter(_not_a_failed_trial)
     if args.quiet:
         import datasets
 

@@ -93,8 +93,10 @@ def postgres_url():
 # ------------------------------------------------------------------- helpers shared by tests
 
 
-def cli(*args, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def cli(*args, cwd: Path, check: bool = True, timeout: int = 300,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """``run_search.py --quiet ARGS`` in ``cwd`` (``env``: variables to add)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     p = subprocess.run([sys.executable, str(ROOT / "run_search.py"), "--quiet", *args], cwd=cwd,
                        env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:

@@ -75,10 +75,19 @@ def test_unreachable_budget_is_a_user_error(tmp_path):
 
 def test_a_different_config_under_the_same_study_name_is_refused(tmp_path):
     run = fake_run(tmp_path)
-    _study(run)
+    run_search(run, _study(run), n_trials=1, timeout=None)  # a finished trial
     other = fake_run(tmp_path, speedup=3.0)
     with pytest.raises(UserError, match="different config .*budget.speedup"):
         _study(other)
+
+
+def test_a_study_without_a_finished_trial_takes_a_corrected_config(tmp_path, caplog):
+    run = fake_run(tmp_path)
+    _study(run)  # created, then (say) a mistake stopped the search before any trial finished
+    other = fake_run(tmp_path, speedup=3.0)
+    study = _study(other)
+    assert study.user_attrs["config"]["budget"]["speedup"] == 3.0
+    assert "config is replaced" in caplog.text
 
 
 def test_a_study_from_before_a_new_config_section_still_opens(tmp_path):
@@ -119,3 +128,31 @@ def test_a_slow_teacher_measurement_only_tightens_the_budget(tmp_path):
     loose = [t for t in study.trials if t.user_attrs.get("status") == "trained"
              and t.user_attrs["latency_ms"] > true_ms / 2.0]
     assert all(t not in best for t in loose)
+
+
+def test_one_impossible_teacher_reading_does_not_rule_the_study(tmp_path, caplog):
+    """Under load one teacher timing came back at a fraction of every other: it is an
+    outlier, not a new minimum, so the budget stays where the plausible readings put it."""
+    run = fake_run(tmp_path, "tpe", n_trials=6)
+    true_ms = run.meter.teacher_ms()
+    readings = iter([true_ms, 0.2 * true_ms] + [true_ms] * 100)
+    run.meter.teacher_ms = lambda: next(readings)
+    study = _study(run)
+    summary = run_search(run, study, n_trials=6, timeout=None)
+    assert summary["budget_ms"] == pytest.approx(true_ms / 2.0)
+    assert study.user_attrs["teacher_ms"] == pytest.approx(true_ms)
+    assert "is ignored: an outlier" in caplog.text
+    assert len(run.proxy.trained) == 6  # the study went on, every candidate feasible
+
+
+def test_a_stored_outlier_is_replaced_on_resume_and_said(tmp_path, caplog):
+    run = fake_run(tmp_path, "tpe", n_trials=3)
+    true_ms = run.meter.teacher_ms()
+    study = _study(run)
+    run_search(run, study, n_trials=3, timeout=None)
+    study.set_user_attr("teacher_ms", 0.2 * true_ms)  # what one bad reading had stored
+    study.set_user_attr("budget_ms", 0.1 * true_ms)
+    summary = run_search(fake_run(tmp_path, "tpe"), _study(run), n_trials=5, timeout=None)
+    assert summary["budget_ms"] == pytest.approx(true_ms / 2.0)
+    assert study.user_attrs["teacher_ms"] == pytest.approx(true_ms)
+    assert "implausible against a fresh measurement" in caplog.text
