@@ -40,7 +40,7 @@ from tacnas.nas.config import load_config  # noqa: E402
 
 # what this benchmark measured: the 200-step distillation proxy (the demo config now uses the
 # supernet proxy)
-DISTILL_PROXY = ["proxy.kind=distill", "proxy.steps=200"]
+DISTILL_PROXY = ["proxy.kind=distill", "proxy.steps=200", "distill.epochs=2"]
 from tacnas.nas.distill import distill  # noqa: E402
 from tacnas.nas.optuna_search import run_search  # noqa: E402
 from tacnas.nas.pipeline import prepare  # noqa: E402

@@ -209,18 +209,30 @@ def cached(tmp_path_factory):
     return proj, env
 
 
-@pytest.mark.parametrize("kind", list(CACHES))
-def test_a_cache_that_does_not_load_is_rebuilt_with_one_warning(cached, kind):
+def test_every_cache_that_does_not_load_is_rebuilt_with_one_warning_each(cached):
+    """The fine-tuned teacher, its logits, the latency table and the supernet, truncated
+    together: the next search rebuilds each, with one warning naming each file."""
     proj, env = cached
-    path = CACHES[kind](proj)
-    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])  # truncated
-    if kind == "trial checkpoint":
-        p = cli("export", "--study", "sn", "--out", "exp", cwd=proj, env=env)
-        assert (proj / "exp" / "report.json").is_file()
-    else:
-        p = cli("search", "--config", "tiny.yaml", "--study", f"again_{kind.split()[0]}",
-                "--n-trials", "1", cwd=proj, env=env)
+    paths = {kind: CACHES[kind](proj) for kind in ("teacher", "logits", "latency table",
+                                                   "supernet")}
+    for path in paths.values():
+        path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])  # truncated
+    p = cli("search", "--config", "tiny.yaml", "--study", "again", "--n-trials", "1", cwd=proj,
+            env=env)
     warnings = [line for line in p.stderr.splitlines() if "does not load" in line]
-    assert len(warnings) == 1 and "rebuilt" in warnings[0], p.stderr
-    assert "Traceback" not in p.stderr
-    assert path.is_file() and path.stat().st_size > 0  # made again
+    assert "Traceback" not in p.stderr and len(warnings) == len(paths), p.stderr
+    for kind, path in paths.items():
+        folder = path.parent if kind == "teacher" else path  # a teacher is a folder
+        assert sum(str(folder) in w for w in warnings) == 1, (kind, warnings)
+        assert all("rebuilt" in w for w in warnings)
+        assert path.is_file() and path.stat().st_size > 0, kind  # made again
+
+
+def test_a_trial_checkpoint_that_does_not_load_is_trained_again_at_export(cached):
+    proj, env = cached
+    path = CACHES["trial checkpoint"](proj)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    p = cli("export", "--study", "sn", "--out", "exp", cwd=proj, env=env)
+    warnings = [line for line in p.stderr.splitlines() if "does not load" in line]
+    assert len(warnings) == 1 and str(path.parent) in warnings[0], p.stderr
+    assert (proj / "exp" / "report.json").is_file() and path.stat().st_size > 0
