@@ -320,8 +320,7 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
     derived from the distributions as they stand."""
     d = run.cfg.differentiable
     done = [t for t in study.get_trials(deepcopy=False)
-            if (r := TrialRecord.read(t)).strategy == "differentiable" and r.status is not None
-            and r.status.counts]
+            if (r := TrialRecord.read(t)).strategy == "differentiable" and r.counts]
     if done:
         log.info("study %s already holds the derived architecture (trial %d)",
                  study.study_name, done[0].number)

@@ -168,13 +168,14 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
                disable=not run.progress)
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
-        status = TrialRecord.read(trial).status
+        record = TrialRecord.read(trial)
+        status = record.status
         if status is TrialStatus.DIVERGED:
             streak["diverged"] += 1
             if streak["diverged"] >= GIVE_UP_DIVERGED and trained_count(study) == 0:
                 streak["stop"] = True  # the recipe diverges for every candidate: say so now
                 study.stop()
-        if status is not None and status.counts:
+        if record.counts:
             budget.tighten()
             streak["untrained"] = 0
             bar.update(1)

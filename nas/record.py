@@ -72,6 +72,11 @@ class TrialRecord:
     def trained(self) -> bool:
         return self.status is TrialStatus.TRAINED
 
+    @property
+    def counts(self) -> bool:
+        """Toward ``search.n_trials`` (see ``TrialStatus.counts``); a running trial does not."""
+        return self.status is not None and self.status.counts
+
     # ----------------------------------------------------------------------------- storage
 
     def attrs(self) -> dict:

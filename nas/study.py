@@ -207,7 +207,7 @@ def create_or_load(name: str, storage_url: str, cfg: RunConfig) -> optuna.Study:
 def trained_count(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False,
                                            states=(TrialState.COMPLETE, TrialState.PRUNED))
-               if (s := TrialRecord.read(t).status) is not None and s.counts)
+               if TrialRecord.read(t).counts)
 
 
 def finished_same_arch(study: optuna.Study, name: str, number: int) -> FrozenTrial | None:
@@ -236,7 +236,8 @@ def feasible_trained(study: optuna.Study) -> list[FrozenTrial]:
 
 def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The non-dominated trials over (score up, latency down), fastest first."""
-    key = {t.number: (r.score, r.latency_ms) for t in trials if (r := TrialRecord.read(t))}
+    records = {t.number: TrialRecord.read(t) for t in trials}
+    key = {n: (r.score, r.latency_ms) for n, r in records.items()}
 
     def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
         (sa, la), (sb, lb) = key[a.number], key[b.number]
