@@ -89,7 +89,27 @@ def comparison_text(report: dict) -> str:
            f"{s.get('search_latency_source') or 'measured'})"
            if s.get("search_latency_ms") is not None else "") + "\n"
         + table(head, rows)
+        + runtimes_text(report)
     )
+
+
+def runtimes_text(report: dict) -> str:
+    """The student and the teacher in every runtime the export measured (see nas/deploy.py)."""
+    rows = report.get("runtimes") or []
+    if len(rows) < 2:
+        return ""
+    metric = report["metric"]
+    body = [[r["backend"], f"{r['teacher_ms']:.2f}", f"{r['student_ms']:.2f}",
+             f"{r['speedup']:.2f}x", _fmt(r.get("speedup_vs_torch_teacher"), ".2f") + "x",
+             f"{r['teacher_test'][metric]:.4f}", f"{r['student_test'][metric]:.4f}",
+             _fmt(None if r.get("retention") is None else 100 * r["retention"], ".1f"),
+             f"{100 * r['agreement']:.1f}", f"{100 * r['teacher_agreement']:.1f}"]
+            for r in rows]
+    head = ["runtime", "teacher ms", "student ms", "speedup", "vs torch teacher",
+            f"teacher test {metric}", f"student test {metric}", "% of teacher",
+            "student agrees with fp32 %", "teacher agrees with fp32 %"]
+    return ("\n\nin each runtime (latency and test scores measured in it; agreement: test "
+            "predictions equal to the same model's in PyTorch fp32):\n" + table(head, body))
 
 
 def write_report(study: optuna.Study, out) -> dict:

@@ -257,3 +257,16 @@ def checkpoint_step(folder: Path) -> int | None:
         return json.loads((folder / "state.json").read_text())["step"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+@pytest.fixture
+def without_onnx(tmp_path):
+    """Environment variables for ``cli(env=...)`` under which onnxruntime, onnx and onnxscript
+    cannot be imported (as on a machine without the [onnx] extra)."""
+    block = tmp_path / "no_onnx"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(  # None in sys.modules: "not installed"
+        "import sys\n"
+        "for name in ('onnxruntime', 'onnx', 'onnxscript'):\n"
+        "    sys.modules[name] = None\n")
+    return {"PYTHONPATH": f"{block}{os.pathsep}{ROOT}"}
