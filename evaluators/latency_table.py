@@ -72,6 +72,7 @@ def device_fingerprint(*, batch_size: int, seq_len: int, threads: int,
         import onnxruntime
 
         fp["onnxruntime"] = onnxruntime.__version__
+        fp["thread_pool"] = "global"  # see evaluators/runtime.py: session()
     return fp
 
 

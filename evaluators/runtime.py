@@ -52,6 +52,16 @@ def onnx_missing() -> list[str]:
     return missing
 
 
+def runtime_versions(backends) -> dict:
+    """The library versions behind ``backends``."""
+    out = {"torch": torch.__version__}
+    if any(b != "torch" for b in backends):
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    return out
+
+
 def require_onnx(what: str) -> None:
     """One line naming what needs ONNX Runtime and how to install it (a ``UserError``)."""
     missing = onnx_missing()
@@ -116,24 +126,59 @@ def export_classifier(model, path: Path) -> Path:
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:
-    """Dynamic int8 quantization of ``src``'s MatMuls (the linear layers) into ``dst``."""
+    """Dynamic int8 quantization of ``src``'s MatMuls (the linear layers) into ``dst``.
+
+    The graph is constant-folded first (``quant_pre_process``): a layer shared across depth
+    (ALBERT's groups) is exported as ``MatMul(x, Transpose(W))``, computed at run time, which
+    the quantizer cannot see as a weight and left in fp32 (measured: a 3-layer student sharing
+    one group ran as fast in "int8" as in fp32)."""
+    import tempfile
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+    with _quiet(), tempfile.TemporaryDirectory(prefix="tacnas-q-") as tmp:
+        folded = Path(tmp) / "folded.onnx"
+        session(src, threads=1, save_basic=folded)  # constant folding, hardware-independent
+        quantize_dynamic(str(folded), str(dst), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul"],
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return dst
 
 
-def session(path: Path, *, threads: int):
+_POOL: list[int] = []  # the threads of this process's global ONNX Runtime pool, once made
+
+
+def session(path: Path, *, threads: int, shared: bool = False, save_basic: Path | None = None):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (spinning, as ONNX
+    Runtime's default).
+
+    ``shared``: the session runs on one thread pool for the whole process (made on first use,
+    and used by every later session of the process). The latency worker alternates two
+    sessions (a model and the reference) pass by pass; with a pool each, one session's
+    spinning threads slowed the other's passes on 2 cores (measured here: a 1.5 ms student read
+    1.8-2.8 ms alternated, and 5.4 ms in one export's report). On one shared pool, alternated
+    and alone agree (2.25 vs 2.26 ms) and match a session of its own (2.25); turning spinning
+    off instead also made them agree, but cost small models 10-35% (wake-ups on every
+    operator), which a deployment does not pay.
+
+    ``save_basic``: write the graph after ONNX Runtime's basic (hardware-independent)
+    optimizations, constant folding among them, to that path."""
     import onnxruntime as ort
 
+    if shared and not _POOL:
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _POOL.append(threads)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    if _POOL:  # once a process has the global pool, every session must use it
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if save_basic is not None:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(save_basic)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -144,7 +189,7 @@ def onnx_runner(module: torch.nn.Module, inputs: tuple, *, backend: str, threads
     path = export_module(module, inputs, folder / "m.onnx")
     if backend == "onnxruntime-int8":
         path = quantize_int8(path, folder / "m.int8.onnx")
-    s = session(path, threads=threads)
+    s = session(path, threads=threads, shared=True)
     feeds = {i.name: x.numpy() for i, x in zip(s.get_inputs(), inputs)}
     return lambda: s.run(None, feeds)
 
@@ -155,7 +200,7 @@ def shipped_runner(folder: Path, backend: str, *, batch_size: int, seq_len: int,
     user's session would."""
     import json
 
-    s = session(Path(folder) / ONNX_FILES[backend], threads=threads)
+    s = session(Path(folder) / ONNX_FILES[backend], threads=threads, shared=True)
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g).numpy()

@@ -21,7 +21,7 @@ from tacnas.errors import UserError
 from tacnas.evaluators.checkpoint import discard
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.evaluators.metrics import compute_metrics
-from tacnas.evaluators.runtime import write_onnx
+from tacnas.evaluators.runtime import runtime_versions, write_onnx
 from tacnas.evaluators.training import check_finite, predict_logits
 from tacnas.nas.deploy import choose_runtimes, measure_runtimes
 from tacnas.nas.pipeline import Run
@@ -144,7 +144,7 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
             "batch_size": b.batch_size, "seq_len": b.seq_len, "threads": b.threads,
             "repeats": b.repeats, "rounds": b.rounds, "device": cpu_name(),
             "torch": torch.__version__, "unit_ms": run.meter.unit_ms,
-            "units_ms": dict(run.meter.units),
+            "units_ms": dict(run.meter.units), "runtimes": runtime_versions(runtimes),
             "latency_table": str(run.latency.path) if run.latency.path else None,
         },
         **(extra or {}),

@@ -37,6 +37,12 @@ def test_export_ships_onnx_graphs_that_plain_onnxruntime_runs(project):
     out = project / "shipped"
     assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file()
     assert (out / "model.int8.onnx").stat().st_size < 0.8 * (out / "model.onnx").stat().st_size
+    # every linear layer of both (shared) layers runs in int8, the shared weights included:
+    # 6 per layer (query, key, value, output, FFN in and out), called twice
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(out / "model.int8.onnx").graph.node]
+    assert ops.count("MatMulInteger") >= 2 * 6
 
     # what a user does: the tokenizer and a plain ONNX Runtime session, no tacnas
     tok = AutoTokenizer.from_pretrained(out)
