@@ -1,11 +1,13 @@
 """Deployment runtimes: what a user ships and where latency and scores are measured.
 
 Three backends, chosen by measurement on this project's machines (batch 1, seq_len 64, 2
-threads; the 6-layer/384 teacher on AMD EPYC with AVX-512 VNNI): PyTorch eager fp32 17.6 ms,
-ONNX Runtime fp32 10.5 ms, ONNX Runtime int8 4.9 ms. PyTorch's own dynamic int8 (8.0 ms) and
-bf16 (9.8 ms) lost to ONNX Runtime int8 on every model tried, and ONNX Runtime's transformer
-fusions (``onnxruntime.transformers.optimizer``) changed nothing beyond noise at these sizes, so
-neither is offered.
+threads, AMD EPYC with AVX-512 VNNI; one raw timing of three models in one process, medians
+of 50 passes): for the 6-layer/384 teacher, PyTorch eager fp32 17.6 ms, ONNX Runtime fp32
+10.5 ms, ONNX Runtime int8 4.9 ms, PyTorch's own dynamic int8 8.0 ms and bf16 9.8 ms; for a
+2-layer/256 and a 1-layer/384 student, PyTorch int8 (2.0, 1.8 ms) and bf16 (2.5, 2.0 ms) also
+lost to ONNX Runtime int8 (0.8, 0.8 ms). ONNX Runtime's transformer fusions
+(``onnxruntime.transformers.optimizer``) changed nothing beyond noise at these sizes. So PyTorch
+int8 and bf16 are not offered.
 
 - ``torch``: the transformers model in PyTorch eager, fp32.
 - ``onnxruntime``: the model exported to ONNX (torch's dynamo exporter) and run by an ONNX
@@ -128,7 +130,8 @@ def export_classifier(model, path: Path) -> Path:
 def quantize_int8(src: Path, dst: Path) -> Path:
     """Dynamic int8 quantization of ``src``'s MatMuls (the linear layers) into ``dst``.
 
-    The graph is constant-folded first (``quant_pre_process``): a layer shared across depth
+    The graph is constant-folded first (ONNX Runtime's basic optimizations, saved): a layer
+    shared across depth
     (ALBERT's groups) is exported as ``MatMul(x, Transpose(W))``, computed at run time, which
     the quantizer cannot see as a weight and left in fp32 (measured: a 3-layer student sharing
     one group ran as fast in "int8" as in fp32)."""
@@ -185,23 +188,23 @@ def session(path: Path, *, threads: int, shared: bool = False, save_basic: Path 
 def onnx_runner(module: torch.nn.Module, inputs: tuple, *, backend: str, threads: int):
     """``fn()`` running ``module(*inputs)`` once in ONNX Runtime (exported at these inputs'
     shapes; quantized for ``onnxruntime-int8``)."""
-    folder = Path(tempfile.mkdtemp(prefix="tacnas-ort-"))
-    path = export_module(module, inputs, folder / "m.onnx")
-    if backend == "onnxruntime-int8":
-        path = quantize_int8(path, folder / "m.int8.onnx")
-    s = session(path, threads=threads, shared=True)
+    with tempfile.TemporaryDirectory(prefix="tacnas-ort-") as tmp:  # the session keeps it
+        path = export_module(module, inputs, Path(tmp) / "m.onnx")
+        if backend == "onnxruntime-int8":
+            path = quantize_int8(path, Path(tmp) / "m.int8.onnx")
+        s = session(path, threads=threads, shared=True)
     feeds = {i.name: x.numpy() for i, x in zip(s.get_inputs(), inputs)}
     return lambda: s.run(None, feeds)
 
 
 def shipped_runner(folder: Path, backend: str, *, batch_size: int, seq_len: int,
-                   threads: int):
+                   threads: int, vocab_size: int | None = None):
     """``fn()`` running the shipped graph of ``backend`` in ``folder`` on random tokens, as a
-    user's session would."""
+    user's session would (token ids below ``vocab_size``, default: the folder's config's)."""
     import json
 
     s = session(Path(folder) / ONNX_FILES[backend], threads=threads, shared=True)
-    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    vocab = vocab_size or json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g).numpy()
     values = {"input_ids": ids, "attention_mask": np.ones_like(ids),
