@@ -142,6 +142,15 @@ class FakeProxy:
             report(1, s)
         return EvalResult(s, {"accuracy": s}, [(1, s)]), SimpleNamespace(save_pretrained=lambda p: None)
 
+    def final_scores(self, model):
+        """A trained model's dev metrics, as the real proxy computes them in PyTorch (the
+        differentiable search scores its derived student with it)."""
+        from tacnas.evaluators.metrics import compute_metrics
+        from tacnas.evaluators.training import predict_logits
+
+        logits = predict_logits(model, self.data.dev)
+        return compute_metrics(logits, self.data.dev.labels, self.dev_logits), None
+
 
 TEACHER = ArchConfig(4, 128, 8, 256, 128, 4)  # the synthetic run's teacher
 
@@ -195,6 +204,7 @@ def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna
                             _synthetic_split(32, 3), ["a", "b"], "accuracy")
         run.proxy.train_logits = torch.randn(64, 2, generator=torch.Generator().manual_seed(4))
         run.proxy.dev_logits = torch.randn(32, 2, generator=torch.Generator().manual_seed(5))
+        run.proxy.data = run.data
     return run
 
 
