@@ -73,14 +73,14 @@ def test_export_ships_onnx_graphs_that_plain_onnxruntime_runs(project):
 
 
 def test_int8_backend_budgets_and_scores_the_int8_student(project):
-    out = cli("search", "--config", "tiny.yaml", "--study", "i8", "--n-trials", "2",
+    out = cli("search", "--config", "tiny.yaml", "--study", "i8", "--n-trials", "1",
               "--set", "budget.backend=onnxruntime-int8", "--set", "budget.latency=measure",
               cwd=project).stdout
-    assert "2 trained of 2 requested" in out
+    assert "1 trained of 1 requested" in out
     study = optuna.load_study(study_name="i8",
                               storage=f"sqlite:///{project / 'runs' / 'i8' / 'study.db'}")
     trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]
-    assert len(trained) == 2
+    assert len(trained) == 1
     for t in trained:  # scored in the runtime it ships in; the fp32 score beside it
         a = t.user_attrs
         assert t.value == a["score"] and 0 <= a["fp32_score"] <= 1
