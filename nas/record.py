@@ -57,8 +57,7 @@ class TrialRecord:
     params: int | None = None
     budget_check_s: float | None = None
     # the result
-    score: float | None = None  # the proxy's dev score (task.metric) where it is deployed
-    fp32_score: float | None = None  # onnxruntime-int8: the fp32 model's (score is int8's)
+    score: float | None = None  # the proxy's dev score (task.metric)
     metrics: dict | None = None
     curve: list | None = None  # [(step, dev score)]
     train_seconds: float | None = None
