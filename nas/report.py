@@ -154,8 +154,8 @@ def write_report(study: optuna.Study, out) -> dict:
     fig.savefig(png, dpi=120)
     plt.close(fig)
 
-    rows = [[str(t.number), rec[t.number].arch_name, f"{rec[t.number].score:.4f}",
-             f"{rec[t.number].latency_ms:.2f}", f"{rec[t.number].params:,}"] for t in front]
+    rows = [[str(t.number), r.arch_name, f"{r.score:.4f}", f"{r.latency_ms:.2f}", f"{r.params:,}"]
+            for t, r in ((t, rec[t.number]) for t in front)]
     md = [f"# Study {study.study_name}", "", "```", status_text(study), "```", "",
           "## Pareto front (feasible, trained; score up, latency down)", "", "```",
           table(["#", "architecture", f"dev {metric}", "latency ms", "params"], rows), "```", ""]

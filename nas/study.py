@@ -236,8 +236,7 @@ def feasible_trained(study: optuna.Study) -> list[FrozenTrial]:
 
 def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The non-dominated trials over (score up, latency down), fastest first."""
-    records = {t.number: TrialRecord.read(t) for t in trials}
-    key = {n: (r.score, r.latency_ms) for n, r in records.items()}
+    key = {t.number: (r.score, r.latency_ms) for t, r in ((t, TrialRecord.read(t)) for t in trials)}
 
     def dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
         (sa, la), (sb, lb) = key[a.number], key[b.number]
