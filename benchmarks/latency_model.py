@@ -35,6 +35,7 @@ from tacnas.evaluators.latency_table import (  # noqa: E402
     teacher_arch,
 )
 from tacnas.evaluators.profile import ensure_profiled  # noqa: E402
+from tacnas.evaluators.runtime import BACKENDS  # noqa: E402
 from tacnas.evaluators.teacher import resolve_source  # noqa: E402
 from tacnas.nas.config import load_config  # noqa: E402
 from tacnas.nas.report import table as text_table  # noqa: E402
@@ -151,7 +152,7 @@ def main() -> None:
     p.add_argument("--sweeps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20, help="timed passes per sweep (batch 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--dump", help="also write every figure to DUMP.b<batch>.json")
     args = p.parse_args()
     cfg = load_config(args.config)

@@ -75,33 +75,15 @@ def model_inputs(model, batch_size: int, seq_len: int):
 
 def make_runner(module: torch.nn.Module, inputs: tuple, *, backend: str = "torch",
                 threads: int = 1):
-    """``fn()`` running ``module(*inputs)`` once: in PyTorch eager, or exported to ONNX (the
-    dynamo exporter) and run by an ONNX Runtime session with ``threads`` intra-op threads."""
+    """``fn()`` running ``module(*inputs)`` once: in PyTorch eager, or exported to ONNX and run
+    by an ONNX Runtime session with ``threads`` intra-op threads (quantized to int8 for
+    ``onnxruntime-int8``; see ``evaluators/runtime.py``)."""
     module.eval()
     if backend == "torch":
         return lambda: module(*inputs)
-    import contextlib
-    import io
-    import logging
-    import tempfile
-    import warnings
+    from tacnas.evaluators.runtime import onnx_runner
 
-    import onnxruntime as ort
-
-    path = Path(tempfile.mkdtemp(prefix="tacnas-ort-")) / "m.onnx"
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        names = [f"x{i}" for i in range(len(inputs))]
-        torch.onnx.export(module, inputs, str(path), dynamo=True, input_names=names,
-                          verbose=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
-    return lambda: session.run(None, feeds)
+    return onnx_runner(module, inputs, backend=backend, threads=threads)
 
 
 def time_call(fn, *, threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3) -> float:
@@ -230,6 +212,12 @@ def _measure_in_worker(config: dict | None, folder: str | None, s: Settings,
     loaded from a folder, against the reference; with ``keep``, built once and kept under that
     name for the next sweep."""
     def build():
+        if folder is not None and s.backend != "torch":
+            from tacnas.evaluators.runtime import ONNX_FILES, shipped_runner
+
+            if (Path(folder) / ONNX_FILES[s.backend]).is_file():  # the graph a user ships
+                return (shipped_runner(folder, s.backend, batch_size=s.batch_size,
+                                       seq_len=s.seq_len, threads=s.threads),)
         if folder is not None:
             model = AutoModelForSequenceClassification.from_pretrained(folder)
         else:
@@ -254,27 +242,53 @@ class LatencyMeter:
         self.teacher_config = teacher_config
         self.settings = Settings(batch_size=batch_size, seq_len=seq_len, threads=threads,
                                  warmup=warmup, repeats=repeats, rounds=rounds, backend=backend)
-        self.unit_ms = unit_ms
-        self._pool: ProcessPoolExecutor | None = None
+        self.backend = backend
+        self.units: dict[str, float] = {} if unit_ms is None else {backend: unit_ms}
+        self._pools: dict[str, ProcessPoolExecutor] = {}  # one worker per backend
         self._cache: dict[ArchConfig, float] = {}
 
-    def call(self, fn, *args):
-        """Run ``fn(*args)`` (a picklable top-level function) in the latency subprocess."""
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
+    @property
+    def unit_ms(self) -> float | None:
+        """The budget backend's unit: the reference's quiet time in that runtime."""
+        return self.units.get(self.backend)
+
+    @unit_ms.setter
+    def unit_ms(self, value: float | None) -> None:
+        if value is None:
+            self.units.pop(self.backend, None)
+        else:
+            self.units[self.backend] = value
+
+    def _settings(self, backend: str | None) -> Settings:
+        if backend is None or backend == self.backend:
+            return self.settings
+        return dataclasses.replace(self.settings, backend=backend)
+
+    def call(self, fn, *args, backend: str | None = None):
+        """Run ``fn(*args)`` (a picklable top-level function) in the latency subprocess of
+        ``backend`` (the budget's by default). Each backend has its own worker: ONNX Runtime's
+        thread pool and PyTorch's OpenMP threads never share a process (measured here: the
+        fp32 teacher in PyTorch read 16.7 ms in a worker that had run ONNX Runtime sessions,
+        against 9.4-9.7 ms in one that had not)."""
+        backend = backend or self.backend
+        if backend not in self._pools:
+            self._pools[backend] = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_exit_with_parent, initargs=(os.getpid(),))
-        return self._pool.submit(fn, *args).result()
+        return self._pools[backend].submit(fn, *args).result()
 
-    def unit(self) -> float:
-        if self.unit_ms is None:
-            self.unit_ms = self.call(_calibrate, self.settings)
-        return self.unit_ms
+    def unit(self, backend: str | None = None) -> float:
+        """The reference's quiet time in ``backend`` (the budget's by default): the unit of the
+        figures measured in it, calibrated on first use unless a latency table gave it."""
+        s = self._settings(backend)
+        if s.backend not in self.units:
+            self.units[s.backend] = self.call(_calibrate, s, backend=s.backend)
+        return self.units[s.backend]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
+        self._pools.clear()
 
     # -- one timing against the reference, for sweeps (profiling, benchmarks)
     def arch_ratio(self, arch: ArchConfig, *, rounds: int = 1) -> tuple[float, float]:
@@ -289,17 +303,21 @@ class LatencyMeter:
         self.call(forget)
 
     # -- latencies in ms (of the unit)
-    def _run(self, config: dict | None = None, folder: str | None = None) -> float:
-        unit = self.unit()
-        ratio, _ = self.call(_measure_in_worker, config, folder, self.settings)
+    def _run(self, config: dict | None = None, folder: str | None = None,
+             backend: str | None = None) -> float:
+        unit = self.unit(backend)
+        s = self._settings(backend)
+        ratio, _ = self.call(_measure_in_worker, config, folder, s, backend=s.backend)
         return ratio * unit
 
-    def teacher_ms(self) -> float:
-        return self._run(config=self.teacher_config.to_dict())
+    def teacher_ms(self, backend: str | None = None) -> float:
+        """The teacher's architecture in ``backend`` (the budget's by default)."""
+        return self._run(config=self.teacher_config.to_dict(), backend=backend)
 
-    def folder_ms(self, folder) -> float:
-        """A saved model (an export), loaded as a user would load it."""
-        return self._run(folder=str(folder))
+    def folder_ms(self, folder, backend: str | None = None) -> float:
+        """A saved model (an export), loaded as a user would load it: the transformers folder
+        in PyTorch, its shipped ONNX graph in ONNX Runtime."""
+        return self._run(folder=str(folder), backend=backend)
 
     def config_ms(self, config: dict) -> float:
         """A model built from a transformers config dict (random weights)."""

@@ -68,10 +68,11 @@ def device_fingerprint(*, batch_size: int, seq_len: int, threads: int,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "backend": backend, "batch_size": batch_size, "seq_len": seq_len,
     }
-    if backend == "onnxruntime":
+    if backend.startswith("onnxruntime"):
         import onnxruntime
 
         fp["onnxruntime"] = onnxruntime.__version__
+        fp["thread_pool"] = "global"  # see evaluators/runtime.py: session()
     return fp
 
 

@@ -44,6 +44,9 @@ class EvalResult:
     metrics: dict  # every dev metric, plus agreement with the teacher
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, dev score)
     train_seconds: float = 0.0
+    # with budget.backend: onnxruntime-int8, score and metrics are the int8 graph's in ONNX
+    # Runtime (what ships; quantization can reorder candidates) and these the fp32 model's
+    fp32_metrics: dict | None = None
 
 
 class DistillationProxy:
@@ -63,12 +66,14 @@ class DistillationProxy:
         eval_every: int = 0,
         init: str = "teacher",
         seed: int = 0,
+        backend: str = "torch",
     ):
         self.teacher, self.data = teacher, data
         self.train_logits, self.dev_logits = train_logits, dev_logits
         self.steps, self.batch_size, self.lr, self.warmup_ratio = steps, batch_size, lr, warmup_ratio
         self.temperature, self.alpha_ce = temperature, alpha_ce
         self.eval_every, self.init, self.seed = eval_every, init, seed
+        self.backend = backend
 
     def prepare(self, *, progress: bool = True) -> None:
         """Whatever is done once before the candidates (nothing here)."""
@@ -83,6 +88,19 @@ class DistillationProxy:
             raise Diverged("proxy.lr: a candidate's dev logits are not finite (the training "
                            "diverged); lower proxy.lr")
         return compute_metrics(logits, self.data.dev.labels, self.dev_logits)
+
+    def final_scores(self, model: PreTrainedModel) -> tuple[dict, dict | None]:
+        """``(metrics, fp32 metrics)`` of a trained candidate: its dev metrics where it is
+        deployed. In ``onnxruntime-int8`` the candidate is exported, quantized and scored by
+        ONNX Runtime (seconds), and the second item is its fp32 metrics; otherwise that item is
+        None (fp32 ONNX Runtime scores as PyTorch does, to ~1e-7 in the logits)."""
+        metrics = self.score(model)
+        if self.backend != "onnxruntime-int8":
+            return metrics, None
+        from tacnas.evaluators.runtime import runtime_logits
+
+        logits = runtime_logits(model, self.data.dev, self.backend)
+        return compute_metrics(logits, self.data.dev.labels, self.dev_logits), metrics
 
     def evaluate(
         self,
@@ -118,12 +136,12 @@ class DistillationProxy:
                     raise Stopped(step, s)
         seconds = time.perf_counter() - start
         check_finite(model, what=f"candidate {arch.name}", lr_key="proxy.lr")
-        metrics = self.score(model)
-        curve.append((self.steps, metrics[metric]))
+        metrics, fp32 = self.final_scores(model)
+        curve.append((self.steps, (fp32 or metrics)[metric]))
         if report is not None:
-            report(self.steps, metrics[metric])
+            report(self.steps, (fp32 or metrics)[metric])
         model.eval()
-        return EvalResult(metrics[metric], metrics, curve, seconds), model
+        return EvalResult(metrics[metric], metrics, curve, seconds, fp32), model
 
 
 class SupernetProxy(DistillationProxy):

@@ -58,7 +58,10 @@ class BudgetConfig:
     latency: Literal["predict", "measure"] = "predict"
     guard_band: float = Field(0.05, ge=0, lt=1)
     latency_table: str | None = None  # default: <cache>/latency/<device fingerprint>.json
-    backend: Literal["torch", "onnxruntime"] = "torch"
+    # where the budget is measured: torch (PyTorch eager, fp32), onnxruntime (the exported
+    # graph in ONNX Runtime, fp32) or onnxruntime-int8 (that graph, linear layers in int8);
+    # see evaluators/runtime.py. The speedup is over the teacher in the same backend.
+    backend: Literal["torch", "onnxruntime", "onnxruntime-int8"] = "torch"
 
     @model_validator(mode="after")
     def _some_budget(self):

@@ -151,7 +151,7 @@ def _distill_settings(run: Run) -> dict:
 
 def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (distilled)",
             search: dict | None = None, budget_ms: float | None = None,
-            layers: list[int] | None = None) -> dict:
+            layers: list[int] | None = None, runtimes: tuple[str, ...] | None = None) -> dict:
     """Train ``arch`` fully and write ``out`` as export does. Resumes from ``out/checkpoint``.
     ``layers``: the teacher layer each student layer starts from and is matched against
     (default: spread over the teacher's depth, as in the search)."""
@@ -225,7 +225,8 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
                          "early_stopped": stopped, "curve": state["curve"],
                          "train_seconds": state["seconds"]}}
     return write_folder(run, best, arch, out, label=label, budget_ms=budget_ms, search=search,
-                        title=f"distilled {arch.name}", extra=extra, lr_key="distill.lr")
+                        title=f"distilled {arch.name}", extra=extra, lr_key="distill.lr",
+                        runtimes=runtimes)
 
 
 def _loss(run: Run, model, projection, features: TeacherFeatures, idx: torch.Tensor,

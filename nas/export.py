@@ -21,7 +21,9 @@ from tacnas.errors import UserError
 from tacnas.evaluators.checkpoint import discard
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.runtime import runtime_versions, write_onnx
 from tacnas.evaluators.training import check_finite, predict_logits
+from tacnas.nas.deploy import choose_runtimes, measure_runtimes
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.nas.report import comparison_text
@@ -60,7 +62,8 @@ def search_summary(study_name: str, trial: optuna.trial.FrozenTrial) -> dict:
             "search_dev_score": r.score}
 
 
-def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path) -> dict:
+def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, *,
+                 runtimes: tuple[str, ...] | None = None) -> dict:
     arch = TrialRecord.read(trial).arch
     ckpt = checkpoint_dir(run.cfg.run_dir, study.study_name, trial.number)
     model = None
@@ -77,14 +80,16 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
     return write_folder(run, model, arch, out, label=f"student (trial #{trial.number})",
                         title=f"{study.study_name} trial {trial.number}: {arch.name}",
                         budget_ms=study.user_attrs.get("budget_ms"),
-                        search=search_summary(study.study_name, trial))
+                        search=search_summary(study.study_name, trial), runtimes=runtimes)
 
 
 def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
                  budget_ms: float | None, search: dict | None = None,
-                 extra: dict | None = None, lr_key: str = "proxy.lr") -> dict:
-    """The Hugging Face folder (weights, tokenizer, arch.json) and its report: latency measured
-    here (and predicted), beside the teacher's, in one run; dev and test scores of both."""
+                 extra: dict | None = None, lr_key: str = "proxy.lr",
+                 runtimes: tuple[str, ...] | None = None) -> dict:
+    """The Hugging Face folder (weights, tokenizer, arch.json), the ONNX graphs (fp32 and int8)
+    and its report: latency measured here (and predicted) in every runtime, beside the
+    teacher's, in one run; dev and test scores of both (test scores in every runtime)."""
     check_finite(model, what=f"{label} ({arch.name})", lr_key=lr_key)
     check_out(out)
     final, out = out, out.with_name(out.name + ".tmp")  # built aside, swapped in when complete
@@ -95,19 +100,21 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
     AutoTokenizer.from_pretrained(run.teacher.path).save_pretrained(out)
     (out / "arch.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")
 
-    # measure what a user loads, the teacher beside it, in this one run
+    b = run.cfg.budget
+    runtimes = choose_runtimes(runtimes, b.backend)
+    if any(r != "torch" for r in runtimes):
+        write_onnx(model, out)  # model.onnx and model.int8.onnx, beside the transformers folder
+
+    # measure what a user loads, the teacher beside it, in every runtime, in this one run
     loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    try:
-        student_ms = run.meter.folder_ms(out)
-        teacher_ms = run.meter.teacher_ms()
-    finally:
-        run.meter.close()
+    rows = measure_runtimes(run, out, loaded, runtimes)
+    main = next(r for r in rows if r["backend"] == b.backend)
+    student_ms, teacher_ms = main["student_ms"], main["teacher_ms"]
     predicted = run.latency.raw(arch)
     teacher_predicted = run.latency.teacher_predicted()
     data = run.data
     s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels)
-    s_test = compute_metrics(predict_logits(loaded, data.test), data.test.labels)
-    b = run.cfg.budget
+    s_test = main["student_test"]
     search = search or {}
     report = {
         "label": label,
@@ -129,12 +136,15 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
                     "F{intermediate_size}".format(**run.teacher.model.config.to_dict()),
             "path": run.teacher.path, "latency_ms": teacher_ms, "predicted_ms": teacher_predicted,
             "params": run.teacher_params,
-            "dev": run.teacher_dev, "test": run.teacher_test(),
+            "dev": run.teacher_dev, "test": main["teacher_test"],
         },
+        "backend": b.backend,
+        "runtimes": rows,
         "measurement": {
             "batch_size": b.batch_size, "seq_len": b.seq_len, "threads": b.threads,
             "repeats": b.repeats, "rounds": b.rounds, "device": cpu_name(),
             "torch": torch.__version__, "unit_ms": run.meter.unit_ms,
+            "units_ms": dict(run.meter.units), "runtimes": runtime_versions(runtimes),
             "latency_table": str(run.latency.path) if run.latency.path else None,
         },
         **(extra or {}),

@@ -98,10 +98,12 @@ class Objective:
             return self._values(math.nan, v.latency_ms)
         model.save_pretrained(checkpoint_dir(self.run.cfg.run_dir, self.study.study_name,
                                              trial.number))
+        fp32 = result.fp32_metrics
         dataclasses.replace(
             rec, status=TrialStatus.TRAINED, score=result.score, metrics=result.metrics,
             curve=result.curve, train_seconds=result.train_seconds,
-        ).write(trial, "status", "score", "metrics", "curve", "train_seconds")
+            fp32_score=None if fp32 is None else fp32[self.run.data.metric],
+        ).write(trial, "status", "score", "metrics", "curve", "train_seconds", "fp32_score")
         return self._values(result.score, v.latency_ms)
 
     def _reuse(self, trial: optuna.Trial, rec: TrialRecord, same: FrozenTrial):

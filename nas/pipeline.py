@@ -22,6 +22,7 @@ from tacnas.evaluators.latency_table import (
 from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.profile import ensure_profiled
 from tacnas.evaluators.proxy import DistillationProxy, SupernetProxy
+from tacnas.evaluators.runtime import require_onnx
 from tacnas.evaluators.teacher import (
     Teacher,
     cache_root,
@@ -114,7 +115,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
         teacher=teacher.model, data=data, train_logits=train_logits, dev_logits=dev_logits,
         steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_ratio=p.warmup_ratio,
         temperature=p.temperature, alpha_ce=p.alpha_ce, eval_every=p.eval_every, init=p.init,
-        seed=cfg.seed,
+        seed=cfg.seed, backend=b.backend,
     )
     if p.kind == "supernet":
         if p.init != "teacher":
@@ -135,14 +136,8 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
 
 
 def check_backend(backend: str) -> None:
-    if backend == "onnxruntime":
-        import importlib.util
-
-        missing = [m for m in ("onnxruntime", "onnx", "onnxscript")
-                   if importlib.util.find_spec(m) is None]
-        if missing:
-            raise UserError(f"budget.backend=onnxruntime: {', '.join(missing)} not installed; "
-                            "pip install 'tacnas[onnx]' or use budget.backend: torch")
+    if backend != "torch":
+        require_onnx(f"budget.backend={backend}")
 
 
 def open_table(cfg: RunConfig, cache: Path, *, fresh: bool = False) -> tuple[LatencyTable, Path]:

@@ -57,7 +57,8 @@ class TrialRecord:
     params: int | None = None
     budget_check_s: float | None = None
     # the result
-    score: float | None = None  # the proxy's dev score (task.metric)
+    score: float | None = None  # the proxy's dev score (task.metric) where it is deployed
+    fp32_score: float | None = None  # onnxruntime-int8: the fp32 model's (score is int8's)
     metrics: dict | None = None
     curve: list | None = None  # [(step, dev score)]
     train_seconds: float | None = None

@@ -22,7 +22,8 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def trial_row(t: FrozenTrial) -> list[str]:
+def trial_row(t: FrozenTrial, *, fp32: bool = False) -> list[str]:
+    """A trial's row of ``status``; ``fp32``: with its fp32 dev score beside (int8 studies)."""
     r = TrialRecord.read(t)
     status = r.status.value if r.status is not None else t.state.name.lower()
     if r.duplicate_of is not None:
@@ -30,7 +31,7 @@ def trial_row(t: FrozenTrial) -> list[str]:
     return [
         str(t.number), t.state.name, status, r.arch_name or "-",
         _fmt(r.latency_ms, ".2f"), _fmt(r.params, ","), _fmt(r.score, ".4f"),
-    ]
+    ] + ([_fmt(r.fp32_score, ".4f")] if fp32 else [])
 
 
 def _brief(t: FrozenTrial) -> str:
@@ -40,7 +41,11 @@ def _brief(t: FrozenTrial) -> str:
 
 def status_text(study: optuna.Study) -> str:
     attrs = study.user_attrs
-    rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
+    backend = attrs.get("config", {}).get("budget", {}).get("backend", "torch")
+    int8 = backend == "onnxruntime-int8"  # trials scored by their int8 graph, fp32 beside
+    rows = [trial_row(t, fp32=int8) for t in study.get_trials(deepcopy=False)]
+    head = ["#", "state", "status", "architecture", f"latency ms ({backend})", "params",
+            "dev score (int8)" if int8 else "dev score"] + (["fp32 dev score"] if int8 else [])
     lines = [
         f"study {study.study_name}: {len(rows)} trials, {trained_count(study)} trained "
         f"(target {attrs.get('n_trials', '-')}), space of {attrs.get('space_size', '?')} "
@@ -49,7 +54,7 @@ def status_text(study: optuna.Study) -> str:
         f"{_fmt(attrs.get('teacher_ms'), '.2f')} ms, {_fmt(attrs.get('teacher_params'), ',')} params,"
         f" dev {attrs.get('teacher_dev', {}).get(_metric(study), float('nan')):.4f}",
         "",
-        table(["#", "state", "status", "architecture", "latency ms", "params", "dev score"], rows),
+        table(head, rows),
         "",
     ]
     best = best_trials(study)
@@ -89,7 +94,27 @@ def comparison_text(report: dict) -> str:
            f"{s.get('search_latency_source') or 'measured'})"
            if s.get("search_latency_ms") is not None else "") + "\n"
         + table(head, rows)
+        + runtimes_text(report)
     )
+
+
+def runtimes_text(report: dict) -> str:
+    """The student and the teacher in every runtime the export measured (see nas/deploy.py)."""
+    rows = report.get("runtimes") or []
+    if len(rows) < 2:
+        return ""
+    metric = report["metric"]
+    body = [[r["backend"], f"{r['teacher_ms']:.2f}", f"{r['student_ms']:.2f}",
+             f"{r['speedup']:.2f}x", _fmt(r.get("speedup_vs_torch_teacher"), ".2f") + "x",
+             f"{r['teacher_test'][metric]:.4f}", f"{r['student_test'][metric]:.4f}",
+             _fmt(None if r.get("retention") is None else 100 * r["retention"], ".1f"),
+             f"{100 * r['agreement']:.1f}", f"{100 * r['teacher_agreement']:.1f}"]
+            for r in rows]
+    head = ["runtime", "teacher ms", "student ms", "speedup", "vs torch teacher",
+            f"teacher test {metric}", f"student test {metric}", "% of teacher",
+            "student agrees with fp32 %", "teacher agrees with fp32 %"]
+    return ("\n\nin each runtime (latency and test scores measured in it; agreement: test "
+            "predictions equal to the same model's in PyTorch fp32):\n" + table(head, body))
 
 
 def write_report(study: optuna.Study, out) -> dict:

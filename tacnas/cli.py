@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "write it as a model to ship (search + distill)")
     search_args(c)
     c.add_argument("--out", help="the distilled student's folder (default: runs/<study>/final)")
+    runtimes_arg(c)
 
     pr = sub.add_parser("profile", help="profile this device's latency table for a config")
     pr.add_argument("--config", required=True)
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--pareto", action="store_true",
                        help="every member of the feasible Pareto front, into OUT/trial_N/")
     e.add_argument("--out", required=True, help="output folder")
+    runtimes_arg(e)
 
     d = sub.add_parser("distill", help="train a chosen student fully with KD; write it as export")
     src = d.add_mutually_exclusive_group(required=True)
@@ -84,12 +86,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="the teacher layer each student layer starts from, e.g. 0,2,4 "
                         "(default: spread over the teacher's depth, as in the search)")
     d.add_argument("--out", required=True, help="output folder (a checkpoint in it resumes)")
+    runtimes_arg(d)
 
     rp = sub.add_parser("report", help="trials.png (latency vs score, front, budget, "
                                        "importances) and report.md")
     storage_args(rp)
     rp.add_argument("--out", required=True, help="output folder")
     return p
+
+
+def runtimes_arg(p) -> None:
+    p.add_argument("--runtimes", metavar="NAME,...",
+                   help="where the written model is measured and scored: torch, onnxruntime, "
+                        "onnxruntime-int8 (default: all three when ONNX Runtime is installed; "
+                        "model.onnx and model.int8.onnx are written beside the weights unless "
+                        "only torch is asked for)")
 
 
 def _storage(args, run_dir: str, study: str) -> str:
@@ -155,12 +166,14 @@ def cmd_search(args) -> int:
 def cmd_compress(args) -> int:
     """The one command from a config to a model to ship: the search (or its resumption), then
     the config's ``distill`` recipe on the best trial, written and measured as ``export``."""
+    from tacnas.nas.deploy import parse_runtimes
     from tacnas.nas.distill import distill
     from tacnas.nas.export import check_out, pick_trial, search_summary
     from tacnas.nas.report import comparison_text
     from tacnas.nas.study import arch_of, check_name, run_folder
 
     cfg = _search_config(args)
+    runtimes = parse_runtimes(args.runtimes)
     name = check_name(args.study or Path(args.config).stem)
     out = Path(args.out) if args.out else run_folder(cfg.run_dir, name) / "final"
     check_out(out)
@@ -171,7 +184,7 @@ def cmd_compress(args) -> int:
           f"the config's distill recipe into {out}")
     report = distill(run, arch_of(trial), out, label=f"distilled (trial #{trial.number})",
                      search=search_summary(name, trial),
-                     budget_ms=study.user_attrs.get("budget_ms"))
+                     budget_ms=study.user_attrs.get("budget_ms"), runtimes=runtimes)
     print(comparison_text(report))
     dd = report["distill"]
     print(f"\n{dd['steps_run']} distillation steps{' (early stop)' if dd['early_stopped'] else ''}"
@@ -258,11 +271,13 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from tacnas.nas.deploy import parse_runtimes
     from tacnas.nas.export import check_out, export_trial, pick_trial
     from tacnas.nas.pipeline import prepare
     from tacnas.nas.report import comparison_text
     from tacnas.nas.study import feasible_trained, load_study, pareto_front, stored_config
 
+    runtimes = parse_runtimes(args.runtimes)
     study = load_study(args.study, _existing_storage(args))
     if args.pareto:
         trials = pareto_front(feasible_trained(study))
@@ -278,7 +293,7 @@ def cmd_export(args) -> int:
         check_out(out)
     run = prepare(stored_config(study.user_attrs, args.study), progress=not args.quiet)
     for trial, out in zip(trials, outs):
-        report = export_trial(run, study, trial, out)
+        report = export_trial(run, study, trial, out, runtimes=runtimes)
         print(comparison_text(report))
         print(f"\nexported to {out} (AutoModelForSequenceClassification.from_pretrained loads it)\n")
     return 0
@@ -288,6 +303,7 @@ def cmd_distill(args) -> int:
     import json
 
     from tacnas.nas.config import apply_overrides, config_from_dict, load_config
+    from tacnas.nas.deploy import parse_runtimes
     from tacnas.nas.distill import distill
     from tacnas.nas.export import pick_trial, search_summary
     from tacnas.nas.pipeline import prepare
@@ -296,6 +312,7 @@ def cmd_distill(args) -> int:
     from tacnas.searchspace.arch import ArchConfig
 
     search, budget_ms = None, None
+    runtimes = parse_runtimes(args.runtimes)
     if args.source:
         name, _, number = args.source.partition(":")
         if number and not number.isdigit():
@@ -330,7 +347,7 @@ def cmd_distill(args) -> int:
                             "separated by commas, e.g. 0,2,4") from None
     run = prepare(cfg, progress=not args.quiet)
     report = distill(run, arch, Path(args.out), label=label, search=search, budget_ms=budget_ms,
-                     layers=layers)
+                     layers=layers, runtimes=runtimes)
     dd = report["distill"]
     print(comparison_text(report))
     print(f"\n{dd['steps_run']} of {dd['planned_steps']} steps"

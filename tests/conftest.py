@@ -142,6 +142,15 @@ class FakeProxy:
             report(1, s)
         return EvalResult(s, {"accuracy": s}, [(1, s)]), SimpleNamespace(save_pretrained=lambda p: None)
 
+    def final_scores(self, model):
+        """A trained model's dev metrics, as the real proxy computes them in PyTorch (the
+        differentiable search scores its derived student with it)."""
+        from tacnas.evaluators.metrics import compute_metrics
+        from tacnas.evaluators.training import predict_logits
+
+        logits = predict_logits(model, self.data.dev)
+        return compute_metrics(logits, self.data.dev.labels, self.dev_logits), None
+
 
 TEACHER = ArchConfig(4, 128, 8, 256, 128, 4)  # the synthetic run's teacher
 
@@ -195,6 +204,7 @@ def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna
                             _synthetic_split(32, 3), ["a", "b"], "accuracy")
         run.proxy.train_logits = torch.randn(64, 2, generator=torch.Generator().manual_seed(4))
         run.proxy.dev_logits = torch.randn(32, 2, generator=torch.Generator().manual_seed(5))
+        run.proxy.data = run.data
     return run
 
 
@@ -257,3 +267,16 @@ def checkpoint_step(folder: Path) -> int | None:
         return json.loads((folder / "state.json").read_text())["step"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+@pytest.fixture
+def without_onnx(tmp_path):
+    """Environment variables for ``cli(env=...)`` under which onnxruntime, onnx and onnxscript
+    cannot be imported (as on a machine without the [onnx] extra)."""
+    block = tmp_path / "no_onnx"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(  # None in sys.modules: "not installed"
+        "import sys\n"
+        "for name in ('onnxruntime', 'onnx', 'onnxscript'):\n"
+        "    sys.modules[name] = None\n")
+    return {"PYTHONPATH": f"{block}{os.pathsep}{ROOT}"}

@@ -44,7 +44,8 @@ def test_search_resume_export_and_load(project):
     status = cli("status", "--study", "tiny", cwd=project).stdout
     assert "dev score" in status and "best: #" in status
 
-    out = cli("export", "--study", "tiny", "--out", "exported", cwd=project).stdout
+    out = cli("export", "--study", "tiny", "--out", "exported", "--runtimes", "torch",
+              cwd=project).stdout
     assert "speedup" in out and "teacher" in out
     exp = project / "exported"
     for f in ("config.json", "model.safetensors", "arch.json", "report.json", "tokenizer.json"):
@@ -62,7 +63,8 @@ def test_search_resume_export_and_load(project):
 
     # the final distillation of the chosen trial writes the same kind of folder
     out = cli("distill", "--from", f"tiny:{best.number}", "--set", "distill.max_steps=20",
-              "--set", "distill.eval_every=10", "--out", "final", cwd=project).stdout
+              "--set", "distill.eval_every=10", "--out", "final", "--runtimes", "torch",
+              cwd=project).stdout
     rep = json.loads((project / "final" / "report.json").read_text())
     assert rep["trial"] == best.number and rep["distill"]["steps_run"] == 20
     assert f"distilled (trial #{best.number})" in out and rep["student"]["arch"] in out
@@ -199,7 +201,8 @@ def test_multi_objective_tpe_report_and_pareto_export(project):
     front = [int(x) for x in out.rsplit("Pareto front:", 1)[1].replace("#", "").split(",")]
     assert front
 
-    cli("export", "--study", "mo", "--pareto", "--out", "front", cwd=project)
+    cli("export", "--study", "mo", "--pareto", "--out", "front", "--runtimes", "torch",
+        cwd=project)
     for n in front:
         folder = project / "front" / f"trial_{n}"
         model = AutoModelForSequenceClassification.from_pretrained(folder)

@@ -136,7 +136,7 @@ def test_cli_search_status_export_of_a_differentiable_study(project):
     again = cli("resume", "--study", "gumbel", cwd=project).stdout  # nothing left to do
     assert len(optuna.load_study(study_name="gumbel", storage=f"sqlite:///{project}/runs/"
                                  "gumbel/study.db").trials) == 1 and "best: #0" in again
-    cli("export", "--study", "gumbel", "--out", "exp", cwd=project)
+    cli("export", "--study", "gumbel", "--out", "exp", "--runtimes", "torch", cwd=project)
     report = json.loads((project / "exp" / "report.json").read_text())
     assert report["student"]["arch"] == trial.user_attrs["arch_name"]
     # the export is the extracted supernet slice the trial recorded

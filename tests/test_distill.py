@@ -81,7 +81,7 @@ def test_distillation_raises_the_dev_score_and_writes_a_loadable_folder(tiny_run
     run = tiny_run("distill.max_steps=60", "distill.patience=0")
     start = build_student(SMALL, run.teacher.model, init="teacher")
     before = compute_metrics(predict_logits(start, run.data.dev), run.data.dev.labels)["accuracy"]
-    report = distill(run, SMALL, project / "out")
+    report = distill(run, SMALL, project / "out", runtimes=("torch",))
     after = report["student"]["dev"]["accuracy"]
     assert after > before + 0.05, (before, after)
     assert report["distill"]["steps_run"] == 60 and report["student"]["latency_ms"] > 0
@@ -95,16 +95,17 @@ def test_distillation_raises_the_dev_score_and_writes_a_loadable_folder(tiny_run
 
 def test_a_killed_distillation_resumes_at_the_checkpoint_step(tiny_run, project, monkeypatch):
     whole = distill(tiny_run("distill.max_steps=40", "distill.patience=0"), SMALL,
-                    project / "whole")
+                    project / "whole", runtimes=("torch",))
 
     folder = project / "cut" / "checkpoint"
     # Ctrl-C (a real SIGINT) right after the step-20 checkpoint is written
     with pytest.raises(KeyboardInterrupt), interrupt_when(lambda: checkpoint_step(folder) == 20):
-        distill(tiny_run("distill.max_steps=40", "distill.patience=0"), SMALL, project / "cut")
+        distill(tiny_run("distill.max_steps=40", "distill.patience=0"), SMALL, project / "cut",
+                runtimes=("torch",))
     assert checkpoint_step(folder) in (20, 30)  # the last checkpoint before the interrupt
 
     resumed = distill(tiny_run("distill.max_steps=40", "distill.patience=0"), SMALL,
-                      project / "cut")
+                      project / "cut", runtimes=("torch",))
     assert resumed["distill"]["steps_run"] == 40
     assert resumed["distill"]["curve"] == whole["distill"]["curve"]  # same scores, same steps
     a = load_file(project / "whole" / "checkpoint" / "weights.safetensors")

@@ -233,8 +233,8 @@ def test_a_trial_checkpoint_that_does_not_load_is_trained_again_at_export(cached
     path = CACHES["trial checkpoint"](proj)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     trained = next(t.number for t in _study(proj, "sn").trials if TrialRecord.read(t).trained)
-    p = cli("export", "--study", "sn", "--trial", str(trained), "--out", "exp", cwd=proj,
-            env=env)  # that trial (the study's final budget may have tightened past it)
+    p = cli("export", "--study", "sn", "--trial", str(trained), "--out", "exp", "--runtimes",
+            "torch", cwd=proj, env=env)  # that trial (the study's final budget may have tightened past it)
     warnings = [line for line in p.stderr.splitlines() if "does not load" in line]
     assert len(warnings) == 1 and str(path.parent) in warnings[0], p.stderr
     assert (proj / "exp" / "report.json").is_file() and path.stat().st_size > 0

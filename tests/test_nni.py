@@ -97,7 +97,7 @@ def test_cli_search_status_export_resume_with_nni(project):
                               storage=f"sqlite:///{project}/runs/evo/study.db")
     trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]
     assert len(trained) == 4 and len({t.user_attrs["arch_name"] for t in trained}) == 4
-    cli("export", "--study", "evo", "--out", "exp", cwd=project)
+    cli("export", "--study", "evo", "--out", "exp", "--runtimes", "torch", cwd=project)
     assert (project / "exp" / "model.safetensors").is_file()
 
 
