@@ -252,6 +252,9 @@ def interrupt_when(condition, *, poll: float = 0.002, timeout: float = 600):
                 return
             time.sleep(poll)
 
+    # a process started with SIGINT ignored (a background job of a shell without job control,
+    # nohup-like launchers) never sees it: give this one Python's own handler while it waits
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     try:
@@ -259,6 +262,13 @@ def interrupt_when(condition, *, poll: float = 0.002, timeout: float = 600):
     finally:
         done.set()
         thread.join()
+        signal.signal(signal.SIGINT, previous)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts: SIGINT at its default disposition,
+    whatever this process inherited, so the child's Python raises KeyboardInterrupt on it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def checkpoint_step(folder: Path) -> int | None:

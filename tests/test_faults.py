@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tests import tiny_assets
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, default_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,8 @@ def test_ctrl_c_is_one_line_and_exit_130(searched):
     args = [sys.executable, str(ROOT / "run_search.py"), "--quiet", "search", "--config",
             "tiny.yaml", "--study", "ctrlc", "--n-trials", "3", "--set", "proxy.steps=3000"]
     proc = subprocess.Popen(args, cwd=proj, env={**os.environ, **env}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
     db = proj / "runs" / "ctrlc" / "study.db"
     deadline = time.time() + 240
     try:
