@@ -36,6 +36,11 @@ class TaskConfig:
     split: SplitConfig = SplitConfig()
     max_train_samples: int | None = Field(None, ge=1)  # a seeded subsample of train
     encoding: str | None = None  # for CSV files, e.g. latin-1
+    # unlabeled text in the task's domain (a .csv/.tsv/.json/.jsonl/.parquet file with
+    # text_fields; any label column is ignored): the teacher labels it, and proxy.objective:
+    # agreement scores candidates on it; texts also in dev or test are dropped
+    unlabeled: str | None = None
+    max_unlabeled_samples: int | None = Field(None, ge=1)  # a seeded subsample of that pool
 
     @model_validator(mode="after")
     def _metric_fits_problem(self):

@@ -62,6 +62,7 @@ class TaskData:
     test: Split
     label_names: list[str]
     metric: str
+    pool: Split | None = None  # task.unlabeled: texts without labels (labels all 0), if given
 
     @property
     def num_labels(self) -> int:
@@ -192,6 +193,23 @@ def _stratified(texts, labels, frac: float, seed: int, *, name: str, field: str)
 
 def load_task(task, tokenizer, *, teacher_config=None, seed: int = 0) -> TaskData:
     """Load, label-map, split and tokenize the task's data."""
+    splits, order = task_texts(task, teacher_config=teacher_config, seed=seed)
+    out = {k: _tokenize(tokenizer, *splits[k], task.max_length) for k in ("train", "dev", "test")}
+    if task.unlabeled:
+        texts = _pool_texts(task, held_out=set(splits["dev"][0]) | set(splits["test"][0]), seed=seed)
+        out["pool"] = _tokenize(tokenizer, texts, [0] * len(texts), task.max_length)
+    log.info(
+        "data: train %d, dev %d, test %d%s, labels %s",
+        len(out["train"]), len(out["dev"]), len(out["test"]),
+        f", unlabeled {len(out['pool'])}" if "pool" in out else "", order,
+    )
+    return TaskData(**out, label_names=order, metric=task.metric)
+
+
+def task_texts(task, *, teacher_config=None, seed: int = 0) -> tuple[dict, list[str]]:
+    """``({train, dev, test: (texts, labels)}, label names)``: the task's splits as text, each
+    text a tuple of its ``text_fields``, each label a class id (or a score): deduplicated,
+    split where the data has no split and subsampled, exactly as ``load_task`` tokenizes them."""
     raw = _load_raw(task)
     splits = {}
     for name in raw:
@@ -204,8 +222,8 @@ def load_task(task, tokenizer, *, teacher_config=None, seed: int = 0) -> TaskDat
         raise UserError(f"task.dataset: no labeled 'train' split (found {sorted(raw)})")
 
     if task.problem == "regression":
-        return _finish(task, {k: _as_floats(task, k, *v) for k, v in splits.items()}, tokenizer,
-                       [task.label_field], seed)
+        return _finish(task, {k: _as_floats(task, k, *v) for k, v in splits.items()},
+                       seed), [task.label_field]
     all_labels = {y for _, ys in splits.values() for y in ys}
     order = _label_order(task, teacher_config, all_labels)
     index = {name: i for i, name in enumerate(order)}
@@ -223,7 +241,7 @@ def load_task(task, tokenizer, *, teacher_config=None, seed: int = 0) -> TaskDat
             f"task.label_field: the train data of column {task.label_field!r} holds one class "
             f"({order[next(iter(classes))] if classes else 'none'}); a classifier needs at least "
             "two (check the column, or task.problem: regression for scores)")
-    return _finish(task, splits, tokenizer, order, seed)
+    return _finish(task, splits, seed), order
 
 
 def _as_floats(task, name, texts, labels):
@@ -239,8 +257,8 @@ def _as_floats(task, name, texts, labels):
     return texts, scores
 
 
-def _finish(task, splits: dict, tokenizer, order: list[str], seed: int) -> TaskData:
-    """Dedupe, split what the data does not provide, subsample train, tokenize."""
+def _finish(task, splits: dict, seed: int) -> dict:
+    """Dedupe, split what the data does not provide, subsample train."""
     train_t, train_y = _dedupe(*splits["train"])
     held_out = set()
     for name in ("dev", "test"):
@@ -265,13 +283,47 @@ def _finish(task, splits: dict, tokenizer, order: list[str], seed: int) -> TaskD
             stratify=_strata(train_y),
         )
     splits["train"] = (list(train_t), list(train_y))
+    return splits
 
-    out = {k: _tokenize(tokenizer, *splits[k], task.max_length) for k in ("train", "dev", "test")}
-    log.info(
-        "data: train %d, dev %d, test %d, labels %s",
-        len(out["train"]), len(out["dev"]), len(out["test"]), order,
-    )
-    return TaskData(**out, label_names=order, metric=task.metric)
+
+def _pool_texts(task, *, held_out: set, seed: int) -> list[tuple[str, ...]]:
+    """``task.unlabeled``'s texts: deduplicated, without any text of dev or test, subsampled to
+    ``task.max_unlabeled_samples`` (seeded)."""
+    import datasets
+
+    path = Path(task.unlabeled)
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"task.unlabeled: {path.name} is not one of {sorted(_BUILDERS)}")
+    if not path.is_file():
+        raise UserError(f"task.unlabeled: no such file {path}")
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if task.encoding and builder == "csv":
+        kwargs["encoding"] = task.encoding
+    try:
+        ds = datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)["train"]
+    except Exception as e:
+        raise UserError(f"task.unlabeled: could not read {path} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); check its format and task.encoding"
+                        ) from None
+    missing = [c for c in task.text_fields if c not in ds.column_names]
+    if missing:
+        raise UserError(f"task.unlabeled: column {missing[0]!r} (task.text_fields) not in "
+                        f"{path.name} (columns: {ds.column_names})")
+    texts = list(zip(*(["" if t is None else str(t) for t in ds[c]] for c in task.text_fields)))
+    seen, keep = set(held_out), []
+    for t in texts:
+        if t not in seen:
+            seen.add(t)
+            keep.append(t)
+    if len(keep) < MIN_SPLIT:
+        raise UserError(f"task.unlabeled: {path.name} holds {len(keep)} texts not in dev or test; "
+                        f"give at least {MIN_SPLIT}")
+    if task.max_unlabeled_samples and len(keep) > task.max_unlabeled_samples:
+        rng = np.random.default_rng(seed)
+        keep = [keep[i] for i in sorted(rng.choice(len(keep), task.max_unlabeled_samples,
+                                                   replace=False))]
+    return keep
 
 
 def _tokenize(tokenizer, texts, labels, max_length: int) -> Split:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from tacnas.evaluators.data import TaskData
-from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.metrics import agreement_metrics, compute_metrics, se_key
 from tacnas.evaluators.training import (
     Diverged,
     check_finite,
@@ -40,8 +40,8 @@ class Stopped(Exception):
 
 @dataclass
 class EvalResult:
-    score: float  # the task metric on dev
-    metrics: dict  # every dev metric, plus agreement with the teacher
+    score: float  # the proxy's objective: the task metric on dev, or agreement (score_key)
+    metrics: dict  # every dev metric, plus agreement with the teacher (and on the pool)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, dev score)
     train_seconds: float = 0.0
     # with budget.backend: onnxruntime-int8, score and metrics are the int8 graph's in ONNX
@@ -67,6 +67,8 @@ class DistillationProxy:
         init: str = "teacher",
         seed: int = 0,
         backend: str = "torch",
+        objective: str = "metric",
+        pool_logits: torch.Tensor | None = None,
     ):
         self.teacher, self.data = teacher, data
         self.train_logits, self.dev_logits = train_logits, dev_logits
@@ -74,6 +76,23 @@ class DistillationProxy:
         self.temperature, self.alpha_ce = temperature, alpha_ce
         self.eval_every, self.init, self.seed = eval_every, init, seed
         self.backend = backend
+        self.objective, self.pool_logits = objective, pool_logits
+
+    @property
+    def score_key(self) -> str:
+        """The key of the metrics dict that ranks candidates (``proxy.objective``)."""
+        if self.objective == "metric":
+            return self.data.metric
+        return "pool_agreement" if self.pool_logits is not None else "agreement"
+
+    def score_name(self) -> str:
+        """What ranks the candidates, in words (for status and reports)."""
+        if self.objective == "metric":
+            return f"dev {self.data.metric} ({len(self.data.dev):,} labelled examples)"
+        if self.pool_logits is not None:
+            return (f"agreement with the teacher on {len(self.data.pool):,} unlabeled texts "
+                    "(task.unlabeled; no labels)")
+        return f"agreement with the teacher on the {len(self.data.dev):,} dev texts (no labels)"
 
     def prepare(self, *, progress: bool = True) -> None:
         """Whatever is done once before the candidates (nothing here)."""
@@ -87,7 +106,18 @@ class DistillationProxy:
         if not torch.isfinite(logits).all():
             raise Diverged("proxy.lr: a candidate's dev logits are not finite (the training "
                            "diverged); lower proxy.lr")
-        return compute_metrics(logits, self.data.dev.labels, self.dev_logits)
+        return self._with_pool(model, compute_metrics(logits, self.data.dev.labels,
+                                                       self.dev_logits))
+
+    def _with_pool(self, model, metrics: dict) -> dict:
+        """``metrics`` plus agreement with the teacher on the unlabeled pool, if there is one
+        (``pool_agreement``, its standard error and ``pool_n``)."""
+        if self.pool_logits is None:
+            return metrics
+        logits = predict_logits(model, self.data.pool, batch_size=128)
+        pool = agreement_metrics(logits, self.pool_logits)
+        return {**metrics, "pool_agreement": pool["agreement"],
+                se_key("pool_agreement"): pool[se_key("agreement")], "pool_n": pool["n"]}
 
     def final_scores(self, model: PreTrainedModel) -> tuple[dict, dict | None]:
         """``(metrics, fp32 metrics)`` of a trained candidate: its dev metrics where it is
@@ -100,7 +130,13 @@ class DistillationProxy:
         from tacnas.evaluators.runtime import runtime_logits
 
         logits = runtime_logits(model, self.data.dev, self.backend)
-        return compute_metrics(logits, self.data.dev.labels, self.dev_logits), metrics
+        deployed = compute_metrics(logits, self.data.dev.labels, self.dev_logits)
+        if self.pool_logits is not None:
+            pool = agreement_metrics(runtime_logits(model, self.data.pool, self.backend),
+                                     self.pool_logits)
+            deployed.update({"pool_agreement": pool["agreement"], "pool_n": pool["n"],
+                             se_key("pool_agreement"): pool[se_key("agreement")]})
+        return deployed, metrics
 
     def evaluate(
         self,
@@ -111,7 +147,7 @@ class DistillationProxy:
     ) -> tuple[EvalResult, PreTrainedModel]:
         """Train ``arch`` for ``steps`` KD steps; ``report(step, score)`` returning True stops it."""
         model = self.initial_model(arch, progress=progress)
-        metric = self.data.metric
+        metric = self.score_key
         opt, sched = make_optimizer(model, lr=self.lr, steps=self.steps,
                                     warmup_ratio=self.warmup_ratio)
         batches = shuffled_batches(len(self.data.train), self.batch_size, self.seed,

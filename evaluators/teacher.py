@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from tacnas.errors import UserError
 from tacnas.evaluators.checkpoint import discard
 from tacnas.evaluators.data import Split, TaskData
-from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.metrics import compute_metrics, fmt_score, se_key
 from tacnas.evaluators.training import (
     check_finite,
     make_optimizer,
@@ -183,8 +183,9 @@ def _finetune(cfg, source: str, tokenizer, data: TaskData, folder: Path, recipe:
     model.eval()
     check_finite(model, what="the fine-tuned teacher", lr_key="teacher.lr")
     dev = compute_metrics(predict_logits(model, data.dev), data.dev.labels)
-    log.info("teacher: fine-tuned %d steps in %.0f s, dev %s %.4f",
-             steps, time.perf_counter() - start, data.metric, dev[data.metric])
+    log.info("teacher: fine-tuned %d steps in %.0f s, dev %s %s", steps,
+             time.perf_counter() - start, data.metric,
+             fmt_score(dev[data.metric], dev.get(se_key(data.metric))))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)

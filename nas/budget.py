@@ -164,6 +164,9 @@ class Budget:
             if predicted is not None:
                 study.set_user_attr("teacher_predicted_ms", predicted)
             study.set_user_attr("teacher_dev", run.teacher_dev)
+            study.set_user_attr("ranked_by", {"key": run.proxy.score_key,
+                                              "name": run.proxy.score_name()})
+            study.set_user_attr("warnings", list(run.warnings))
             study.set_user_attr("teacher_params", run.teacher_params)
             study.set_user_attr("space_size", run.space.size)
         if first or replaced:

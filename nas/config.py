@@ -127,6 +127,10 @@ class ProxyConfig:
     eval_every: int = Field(0, ge=0)  # steps between intermediate dev scores (0: only at the end)
     supernet_steps: int = Field(1000, ge=1)  # kind supernet: its one-off training
     supernet_lr: float = Field(5e-4, gt=0)
+    # what ranks the candidates: metric (task.metric on the labelled dev split) or agreement
+    # (with the teacher's predictions, no labels needed: on task.unlabeled's texts where given,
+    # else on the dev texts); with a small dev split, agreement on a large pool is far less noisy
+    objective: Literal["metric", "agreement"] = "metric"
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from tacnas.errors import UserError
 from tacnas.evaluators.checkpoint import resume, save_checkpoint
 from tacnas.evaluators.latency_table import LatencyTable
+from tacnas.evaluators.metrics import se_key
 from tacnas.evaluators.training import kd_loss, optimizer_step, shuffled_batches
 from tacnas.nas.budget import Budget
 from tacnas.nas.pipeline import Run
@@ -346,7 +347,8 @@ def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out
     v = budget.check(arch)  # measured if within the guard band
     model = s.net.extract(arch)
     metrics, fp32 = run.proxy.final_scores(model)  # in the budget's runtime
-    score = metrics[run.data.metric]
+    key = run.proxy.score_key
+    score = metrics[key]
     study.enqueue_trial(_params_of(s.net, arch))
     trial = study.ask()
     sampled = run.space.sample(trial)
@@ -356,8 +358,8 @@ def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out
         worker=WORKER, strategy="differentiable", status=TrialStatus.TRAINED, arch=arch,
         latency_ms=v.latency_ms, latency_source=v.source, predicted_ms=v.predicted_ms,
         latency_scale=v.latency_scale, budget_ms=v.budget_ms, params=v.params, score=score,
-        metrics=metrics, train_seconds=s.state["seconds"],
-        fp32_score=None if fp32 is None else fp32[run.data.metric],
+        score_se=metrics.get(se_key(key)), metrics=metrics, train_seconds=s.state["seconds"],
+        fp32_score=None if fp32 is None else fp32[key],
         extra={"derived": how, "final_probs": s.alpha.readable(),
                "final_entropy": s.alpha.entropy(), "steps": s.state["step"],
                "timed_out": timed_out},

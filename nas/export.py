@@ -54,12 +54,17 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     return t
 
 
-def search_summary(study_name: str, trial: optuna.trial.FrozenTrial) -> dict:
-    """What the search recorded of a trial, for the export's report."""
+def search_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
+    """What the search recorded of a trial, for the export's report: its score with the
+    standard error, what ranked the candidates, and the study's warnings on its scores."""
+    from tacnas.nas.report import score_warnings
+
     r = TrialRecord.read(trial)
-    return {"study": study_name, "trial": trial.number, "search_latency_ms": r.latency_ms,
+    return {"study": study.study_name, "trial": trial.number, "search_latency_ms": r.latency_ms,
             "search_latency_source": r.latency_source or "measured",
-            "search_dev_score": r.score}
+            "search_dev_score": r.score, "search_score_se": r.score_se,
+            "ranked_by": study.user_attrs.get("ranked_by", {}).get("name"),
+            "warnings": score_warnings(study)}
 
 
 def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial, out: Path, *,
@@ -80,7 +85,7 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
     return write_folder(run, model, arch, out, label=f"student (trial #{trial.number})",
                         title=f"{study.study_name} trial {trial.number}: {arch.name}",
                         budget_ms=study.user_attrs.get("budget_ms"),
-                        search=search_summary(study.study_name, trial), runtimes=runtimes)
+                        search=search_summary(study, trial), runtimes=runtimes)
 
 
 def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
@@ -130,7 +135,10 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
             "predicted_ms": predicted,
             "params": sum(p.numel() for p in loaded.parameters()),
             "dev": s_dev, "test": s_test, "search_dev_score": search.get("search_dev_score"),
+            "search_score_se": search.get("search_score_se"),
         },
+        "ranked_by": search.get("ranked_by"),
+        "warnings": list(dict.fromkeys([*run.warnings, *search.get("warnings", [])])),
         "teacher": {
             "arch": "L{num_hidden_layers}-H{hidden_size}-A{num_attention_heads}-"
                     "F{intermediate_size}".format(**run.teacher.model.config.to_dict()),

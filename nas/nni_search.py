@@ -32,7 +32,7 @@ import warnings
 import optuna
 
 from tacnas.errors import UserError
-from tacnas.evaluators.metrics import WORST
+from tacnas.evaluators.metrics import worst as worst_of
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import TrialRecord
 
@@ -89,7 +89,7 @@ def nni_driver(run: Run, study: optuna.Study):
     api = import_nni()
     nni = api["nni"]
     dims = run.space.choices()
-    worst = WORST[run.cfg.task.metric]
+    worst = worst_of(run.cfg)
 
     def drive(objective, callback, timeout, stopped) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

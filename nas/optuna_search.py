@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from tacnas.errors import UserError
-from tacnas.evaluators.metrics import WORST
+from tacnas.evaluators.metrics import se_key, worst
 from tacnas.evaluators.proxy import Stopped
 from tacnas.evaluators.training import Diverged
 from tacnas.nas.budget import Budget
@@ -45,7 +45,7 @@ class Objective:
     def __init__(self, run: Run, study: optuna.Study, budget: Budget):
         self.run, self.study, self.budget = run, study, budget
         self.multi = len(study.directions) > 1
-        self.worst = WORST[run.cfg.task.metric]
+        self.worst = worst(run.cfg)
 
     def _values(self, score: float, latency_ms: float):
         return (score, latency_ms) if self.multi else score
@@ -98,12 +98,14 @@ class Objective:
             return self._values(math.nan, v.latency_ms)
         model.save_pretrained(checkpoint_dir(self.run.cfg.run_dir, self.study.study_name,
                                              trial.number))
-        fp32 = result.fp32_metrics
+        fp32, key = result.fp32_metrics, self.run.proxy.score_key
         dataclasses.replace(
-            rec, status=TrialStatus.TRAINED, score=result.score, metrics=result.metrics,
+            rec, status=TrialStatus.TRAINED, score=result.score,
+            score_se=result.metrics.get(se_key(key)), metrics=result.metrics,
             curve=result.curve, train_seconds=result.train_seconds,
-            fp32_score=None if fp32 is None else fp32[self.run.data.metric],
-        ).write(trial, "status", "score", "metrics", "curve", "train_seconds", "fp32_score")
+            fp32_score=None if fp32 is None else fp32[key],
+        ).write(trial, "status", "score", "score_se", "metrics", "curve", "train_seconds",
+                "fp32_score")
         return self._values(result.score, v.latency_ms)
 
     def _reuse(self, trial: optuna.Trial, rec: TrialRecord, same: FrozenTrial):
@@ -116,9 +118,9 @@ class Objective:
             rec, status=TrialStatus.DUPLICATE, duplicate_of=same.number,
             latency_ms=done.latency_ms, latency_source=done.latency_source,
             predicted_ms=done.predicted_ms, params=done.params, score=done.score,
-            metrics=done.metrics,
+            score_se=done.score_se, metrics=done.metrics,
         ).write(trial, "status", "duplicate_of", "latency_ms", "latency_source", "predicted_ms",
-                "params", "score", "metrics")
+                "params", "score", "score_se", "metrics")
         for k, v in same.constraints.items():
             trial.set_constraint(k, v)
         return tuple(same.values) if self.multi else same.value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from tacnas.evaluators.latency_table import (
     device_fingerprint,
     teacher_arch,
 )
-from tacnas.evaluators.metrics import compute_metrics
+from tacnas.evaluators.metrics import baseline_metrics, compute_metrics, weak_teacher
 from tacnas.evaluators.profile import ensure_profiled
 from tacnas.evaluators.proxy import DistillationProxy, SupernetProxy
 from tacnas.evaluators.runtime import require_onnx
@@ -52,6 +52,7 @@ class Run:
     proxy: DistillationProxy
     teacher_dev: dict
     progress: bool
+    warnings: list[str] = field(default_factory=list)  # one line each, for status and reports
 
     @property
     def meter(self) -> LatencyMeter:
@@ -93,6 +94,15 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
     dev_logits = teacher_logits(teacher, data.dev, name="dev", cache_dir=cache, progress=progress)
     teacher_dev = compute_metrics(dev_logits, data.dev.labels)
     log.info("teacher dev: %s", {k: round(v, 4) for k, v in teacher_dev.items()})
+    warnings = []
+    baseline = baseline_metrics(data.train.labels, data.dev.labels, data.num_labels)
+    if (weak := weak_teacher(teacher_dev, baseline, data.metric)) is not None:
+        log.warning(weak)
+        warnings.append(weak)
+    pool_logits = None
+    if data.pool is not None:
+        pool_logits = teacher_logits(teacher, data.pool, name="unlabeled", cache_dir=cache,
+                                     progress=progress)
 
     space = cfg.space.build(teacher.head_size)
     space.check_valid()
@@ -115,7 +125,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
         teacher=teacher.model, data=data, train_logits=train_logits, dev_logits=dev_logits,
         steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_ratio=p.warmup_ratio,
         temperature=p.temperature, alpha_ce=p.alpha_ce, eval_every=p.eval_every, init=p.init,
-        seed=cfg.seed, backend=b.backend,
+        seed=cfg.seed, backend=b.backend, objective=p.objective, pool_logits=pool_logits,
     )
     if p.kind == "supernet":
         if p.init != "teacher":
@@ -132,7 +142,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
                               supernet_lr=p.supernet_lr, **common)
     else:
         proxy = DistillationProxy(**common)
-    return Run(cfg, cache, data, teacher, space, latency, proxy, teacher_dev, progress)
+    return Run(cfg, cache, data, teacher, space, latency, proxy, teacher_dev, progress, warnings)
 
 
 def check_backend(backend: str) -> None:

@@ -57,7 +57,9 @@ class TrialRecord:
     params: int | None = None
     budget_check_s: float | None = None
     # the result
-    score: float | None = None  # the proxy's dev score (task.metric) where it is deployed
+    score: float | None = None  # the proxy's objective (dev task.metric, or agreement with the
+    # teacher: study user attr ranked_by) where the candidate is deployed
+    score_se: float | None = None  # its standard error on the split it was scored on
     fp32_score: float | None = None  # onnxruntime-int8: the fp32 model's (score is int8's)
     metrics: dict | None = None
     curve: list | None = None  # [(step, dev score)]

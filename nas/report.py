@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
+from tacnas.evaluators.metrics import fmt_score, overlapping, se_key
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.nas.study import best_trials, feasible_trained, pareto_front, trained_count
 
@@ -30,13 +31,31 @@ def trial_row(t: FrozenTrial, *, fp32: bool = False) -> list[str]:
         status += f" of #{r.duplicate_of}"
     return [
         str(t.number), t.state.name, status, r.arch_name or "-",
-        _fmt(r.latency_ms, ".2f"), _fmt(r.params, ","), _fmt(r.score, ".4f"),
+        _fmt(r.latency_ms, ".2f"), _fmt(r.params, ","), fmt_score(r.score, r.score_se),
     ] + ([_fmt(r.fp32_score, ".4f")] if fp32 else [])
 
 
 def _brief(t: FrozenTrial) -> str:
     r = TrialRecord.read(t)
-    return f"#{t.number} {r.arch_name} ({r.score:.4f}, {r.latency_ms:.2f} ms)"
+    return f"#{t.number} {r.arch_name} ({fmt_score(r.score, r.score_se)}, {r.latency_ms:.2f} ms)"
+
+
+def score_warnings(study: optuna.Study) -> list[str]:
+    """One line each: what the run found about its scores (a weak teacher), and whether the
+    best feasible candidate is separated from the others on the split that ranked them."""
+    attrs = study.user_attrs
+    lines = list(attrs.get("warnings", []))
+    if len(study.directions) == 1:
+        key = attrs.get("ranked_by", {}).get("key", _metric(study))
+        scored, n = [], None
+        for t in feasible_trained(study):
+            r = TrialRecord.read(t)
+            scored.append((f"#{t.number} {r.arch_name}", r.score, r.score_se))
+            n = n or (r.metrics or {}).get("pool_n" if key == "pool_agreement" else "n")
+        what = "the pool" if key == "pool_agreement" else "dev"
+        if (line := overlapping(scored, n=n, what=what)) is not None:
+            lines.append(line)
+    return lines
 
 
 def status_text(study: optuna.Study) -> str:
@@ -45,14 +64,18 @@ def status_text(study: optuna.Study) -> str:
     int8 = backend == "onnxruntime-int8"  # trials scored by their int8 graph, fp32 beside
     rows = [trial_row(t, fp32=int8) for t in study.get_trials(deepcopy=False)]
     head = ["#", "state", "status", "architecture", f"latency ms ({backend})", "params",
-            "dev score (int8)" if int8 else "dev score"] + (["fp32 dev score"] if int8 else [])
+            "score ± s.e. (int8)" if int8 else "score ± s.e."] + (["fp32 score"] if int8 else [])
+    teacher_dev = attrs.get("teacher_dev", {})
+    metric = _metric(study)
     lines = [
         f"study {study.study_name}: {len(rows)} trials, {trained_count(study)} trained "
         f"(target {attrs.get('n_trials', '-')}), space of {attrs.get('space_size', '?')} "
         f"architectures",
         f"budget {_fmt(attrs.get('budget_ms'), '.2f')} ms; teacher "
         f"{_fmt(attrs.get('teacher_ms'), '.2f')} ms, {_fmt(attrs.get('teacher_params'), ',')} params,"
-        f" dev {attrs.get('teacher_dev', {}).get(_metric(study), float('nan')):.4f}",
+        f" dev {metric} {fmt_score(teacher_dev.get(metric), teacher_dev.get(se_key(metric)))}",
+        "score: " + attrs.get("ranked_by", {}).get("name", f"dev {metric}")
+        + "; s.e.: its standard error on that split",
         "",
         table(head, rows),
         "",
@@ -63,6 +86,7 @@ def status_text(study: optuna.Study) -> str:
         lines.append(f"{title}: " + ", ".join(_brief(t) for t in best))
     else:
         lines.append("no trained candidate within the budget yet")
+    lines += [f"warning: {w}" for w in score_warnings(study)]
     return "\n".join(lines)
 
 
@@ -74,17 +98,19 @@ def comparison_text(report: dict) -> str:
     """The teacher and the exported student side by side (the demo's final table)."""
     s, t = report["student"], report["teacher"]
     metric = report["metric"]
+    def score(split: dict) -> str:
+        return fmt_score(split[metric], split.get(se_key(metric)))
+
     rows = [
         ["teacher", t["arch"], f"{t['latency_ms']:.2f}", _fmt(t.get("predicted_ms"), ".2f"),
-         "1.00x", f"{t['params']:,}", f"{t['dev'][metric]:.4f}", f"{t['test'][metric]:.4f}",
-         "100.0"],
+         "1.00x", f"{t['params']:,}", score(t["dev"]), score(t["test"]), "100.0"],
         [report.get("label") or f"student (trial #{report['trial']})", s["arch"], f"{s['latency_ms']:.2f}",
          _fmt(s.get("predicted_ms"), ".2f"), f"{report['speedup']:.2f}x", f"{s['params']:,}",
-         f"{s['dev'][metric]:.4f}", f"{s['test'][metric]:.4f}",
+         score(s["dev"]), score(s["test"]),
          f"{100 * s['test'][metric] / t['test'][metric]:.1f}"],
     ]
     head = ["model", "architecture", "measured ms", "predicted ms", "speedup", "params",
-            f"dev {metric}", f"test {metric}", "% of teacher (test)"]
+            f"dev {metric} ± s.e.", f"test {metric} ± s.e.", "% of teacher (test)"]
     m = report["measurement"]
     return (
         f"measured here: batch {m['batch_size']}, seq_len {m['seq_len']}, {m['threads']} threads, "
@@ -94,6 +120,10 @@ def comparison_text(report: dict) -> str:
            f"{s.get('search_latency_source') or 'measured'})"
            if s.get("search_latency_ms") is not None else "") + "\n"
         + table(head, rows)
+        + (f"\nthe search ranked candidates by {report['ranked_by']}; this one scored "
+           f"{fmt_score(s.get('search_dev_score'), s.get('search_score_se'))} there"
+           if report.get("ranked_by") and s.get("search_dev_score") is not None else "")
+        + "".join(f"\nwarning: {w}" for w in report.get("warnings") or [])
         + runtimes_text(report)
     )
 

@@ -183,7 +183,7 @@ def cmd_compress(args) -> int:
     print(f"\ndistilling the best student, trial #{trial.number} ({arch_of(trial).name}), with "
           f"the config's distill recipe into {out}")
     report = distill(run, arch_of(trial), out, label=f"distilled (trial #{trial.number})",
-                     search=search_summary(name, trial),
+                     search=search_summary(study, trial),
                      budget_ms=study.user_attrs.get("budget_ms"), runtimes=runtimes)
     print(comparison_text(report))
     dd = report["distill"]
@@ -324,7 +324,7 @@ def cmd_distill(args) -> int:
         cfg = load_config(args.config, args.set) if args.config else config_from_dict(
             apply_overrides(stored_config(study.user_attrs, name).to_dict(), args.set),
             source=f"study {name}")
-        search = search_summary(name, trial)
+        search = search_summary(study, trial)
         budget_ms = study.user_attrs.get("budget_ms")
         label = f"distilled (trial #{trial.number})"
     else:

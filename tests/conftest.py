@@ -129,8 +129,14 @@ def true_score(arch: ArchConfig) -> float:
 
 
 class FakeProxy:
-    def __init__(self):
+    score_key = "accuracy"
+
+    def __init__(self, se: float | None = None):
         self.trained = []
+        self.se = se  # the standard error every synthetic score carries (None: none)
+
+    def score_name(self) -> str:
+        return "dev accuracy (synthetic)"
 
     def prepare(self, *, progress=False):
         pass
@@ -140,7 +146,8 @@ class FakeProxy:
         s = true_score(arch)
         if report is not None:
             report(1, s)
-        return EvalResult(s, {"accuracy": s}, [(1, s)]), SimpleNamespace(save_pretrained=lambda p: None)
+        metrics = {"accuracy": s, **({} if self.se is None else {"accuracy_se": self.se, "n": 100})}
+        return EvalResult(s, metrics, [(1, s)]), SimpleNamespace(save_pretrained=lambda p: None)
 
     def final_scores(self, model):
         """A trained model's dev metrics, as the real proxy computes them in PyTorch (the
@@ -169,7 +176,8 @@ def _synthetic_split(n: int, seed: int) -> Split:
     return Split(ids, torch.zeros_like(ids), lengths, torch.randint(0, 2, (n,), generator=g))
 
 
-def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna"):
+def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna",
+             se: float | None = None):
     """A search on a synthetic evaluator: latency is the architecture's FLOPs (measured and
     predicted alike), the proxy's score is ``true_score``, so the feasible optimum is known.
     With ``strategy: differentiable`` it also has what that search trains: a random BERT
@@ -187,9 +195,9 @@ def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna
     ))
     meter = FakeMeter()
     run = SimpleNamespace(
-        cfg=cfg, space=cfg.space.build(teacher_head_size=16), meter=meter, proxy=FakeProxy(),
+        cfg=cfg, space=cfg.space.build(teacher_head_size=16), meter=meter, proxy=FakeProxy(se),
         params_of=lambda a: a.num_params(vocab_size=99, num_labels=2),
-        teacher_dev={"accuracy": 0.9}, teacher_params=1, progress=False,
+        teacher_dev={"accuracy": 0.9}, teacher_params=1, progress=False, warnings=[],
         latency=MeasuredLatency(meter),
     )
     if strategy == "differentiable":

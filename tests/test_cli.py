@@ -42,7 +42,9 @@ def test_search_resume_export_and_load(project):
     assert len({t.user_attrs["arch_name"] for t in trained}) == 5
 
     status = cli("status", "--study", "tiny", cwd=project).stdout
-    assert "dev score" in status and "best: #" in status
+    assert "score ± s.e." in status and "best: #" in status
+    assert "score: dev accuracy (" in status  # what ranked the candidates, with the dev size
+    assert "weak teacher" not in status  # the tiny teacher is a real one
 
     out = cli("export", "--study", "tiny", "--out", "exported", "--runtimes", "torch",
               cwd=project).stdout

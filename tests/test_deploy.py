@@ -87,7 +87,7 @@ def test_int8_backend_budgets_and_scores_the_int8_student(project):
         assert abs(a["score"] - a["fp32_score"]) <= 0.1
         assert a["latency_ms"] <= a["budget_ms"]
     status = cli("status", "--study", "i8", cwd=project).stdout
-    assert "dev score (int8)" in status and "fp32 dev score" in status
+    assert "score ± s.e. (int8)" in status and "fp32 score" in status
     cli("export", "--study", "i8", "--runtimes", "onnxruntime-int8", "--out", "exp", cwd=project)
     rep = json.loads((project / "exp" / "report.json").read_text())
     assert rep["backend"] == "onnxruntime-int8"
