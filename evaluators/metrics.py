@@ -164,8 +164,12 @@ def weak_teacher(teacher: dict, baseline: dict, metric: str) -> str | None:
             "data, or from a stronger checkpoint before searching")
 
 
+FIX_DEV = ("more dev data (task.split.dev), or an unlabeled pool (task.unlabeled) with "
+           "proxy.objective: agreement, would separate them")
+
+
 def overlapping(scored: list[tuple[str, float, float | None]], *, n: int | None,
-                what: str) -> str | None:
+                what: str, fix: str = FIX_DEV) -> str | None:
     """One line if the best of ``scored`` ((name, score, standard error) per candidate) has a
     95% interval that overlaps another's: the split cannot rank them. None if it is separated,
     or there is fewer than two or no standard error."""
@@ -181,5 +185,4 @@ def overlapping(scored: list[tuple[str, float, float | None]], *, n: int | None,
     return (f"not separated: the best candidate {name} ({fmt_score(v, se, '.4f')}) and "
             f"{len(tied)} other{'s' if len(tied) > 1 else ''} (down to {tied[-1][0]}, "
             f"{tied[-1][1]:.4f}) have overlapping 95% intervals on {what}{size}, so their order "
-            "is noise; more dev data (task.split.dev), or an unlabeled pool (task.unlabeled) with "
-            "proxy.objective: agreement, would separate them")
+            f"is noise; {fix}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from tacnas.evaluators.metrics import fmt_score, overlapping, se_key
+from tacnas.evaluators.metrics import FIX_DEV, fmt_score, overlapping, se_key
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.nas.study import best_trials, feasible_trained, pareto_front, trained_count
 
@@ -52,8 +52,10 @@ def score_warnings(study: optuna.Study) -> list[str]:
             r = TrialRecord.read(t)
             scored.append((f"#{t.number} {r.arch_name}", r.score, r.score_se))
             n = n or (r.metrics or {}).get("pool_n" if key == "pool_agreement" else "n")
-        what = "the pool" if key == "pool_agreement" else "dev"
-        if (line := overlapping(scored, n=n, what=what)) is not None:
+        pool = key == "pool_agreement"
+        fix = ("a larger pool (task.unlabeled, task.max_unlabeled_samples) or a longer proxy "
+               "(proxy.steps) would separate them") if pool else FIX_DEV
+        if (line := overlapping(scored, n=n, what="the pool" if pool else "dev", fix=fix)):
             lines.append(line)
     return lines
 
