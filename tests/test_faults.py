@@ -106,7 +106,12 @@ def test_a_diverged_trial_fails_and_is_never_exported(searched):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     *warnings, error = p.stderr.strip().splitlines()  # a line per failed trial, then the error
     assert error.startswith("error: proxy.lr") and "lower proxy.lr" in error, p.stderr
-    assert warnings and all("failed: proxy.lr: training diverged" in w for w in warnings), p.stderr
+    # every line before the error is a warning (a timing one may come first: the tiny teacher's
+    # 1 ms reading can move past the latency table's 15% tolerance), one per failed trial
+    assert all(w.startswith("WARNING ") for w in warnings), p.stderr
+    trials = [w for w in warnings if " failed: " in w]
+    assert len(trials) >= 3 and all("failed: proxy.lr: training diverged" in w for w in trials), \
+        p.stderr
     study = _study(proj, "nan")
     failed = [(t, TrialRecord.read(t)) for t in study.trials
               if TrialRecord.read(t).status is TrialStatus.DIVERGED]
@@ -176,7 +181,9 @@ def test_ctrl_c_is_one_line_and_exit_130(searched):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # one line for the interrupt (warnings the run printed before it, e.g. a timing one, aside)
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("WARNING ")]
+    assert "Traceback" not in err and len(lines) == 1, err
 
 
 def _first_file(folder: Path, pattern: str) -> Path:
