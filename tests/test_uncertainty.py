@@ -99,8 +99,11 @@ def test_a_weak_teacher_is_warned_in_one_line_and_kept_in_status_and_the_report(
     weak = BertForSequenceClassification(tiny_assets.tiny_teacher_config(tok.vocab_size))
     weak.save_pretrained(project / "weak")
     tok.save_pretrained(project / "weak")
+    # speedup 1.0: every candidate (at most 3 of the teacher's 4 layers) stays within the
+    # budget however the teacher's 1 ms reading moves between search and export
     p = cli("search", "--config", "tiny.yaml", "--study", "w", "--n-trials", "1",
-            "--set", "teacher.model=weak", "--set", "proxy.steps=5", cwd=project)
+            "--set", "teacher.model=weak", "--set", "proxy.steps=5",
+            "--set", "budget.speedup=1.0", cwd=project)
     warn = [ln for ln in p.stderr.splitlines() if "weak teacher" in ln]
     assert len(warn) == 1 and "teacher.epochs" in warn[0]
     assert "warning: weak teacher" in cli("status", "--study", "w", cwd=project).stdout
@@ -117,7 +120,7 @@ def test_label_free_objective_ranks_by_agreement_on_the_unlabeled_pool(project):
         w.writerows([r[0]] for r in rows)
     out = cli("search", "--config", "tiny.yaml", "--study", "u", "--n-trials", "2",
               "--set", "task.unlabeled=pool.csv", "--set", "proxy.objective=agreement",
-              "--set", "proxy.steps=10", cwd=project).stdout
+              "--set", "proxy.steps=10", "--set", "budget.speedup=1.0", cwd=project).stdout
     assert "trained" in out
     storage = f"sqlite:///{project / 'runs' / 'u' / 'study.db'}"
     study = optuna.load_study(study_name="u", storage=storage)
