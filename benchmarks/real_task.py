@@ -84,6 +84,20 @@ def pick_hand(families: dict, ms: dict, teacher_ms: float, speedup: float) -> di
     return out
 
 
+def resumable(folder: str) -> tuple[Path, dict, object]:
+    """``(work folder, results, save)``: a benchmark's ``results.json`` under ``folder``, as far
+    as an earlier run got (empty at first); ``save()`` writes it back after each finished unit."""
+    work = Path(folder).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=1))
+
+    return work, results, save
+
+
 def latency_pass(run, archs: list[ArchConfig], sweeps: int) -> tuple[dict, float]:
     """Every model and the teacher, alternating, ``sweeps`` times: medians (ms)."""
     meter = run.meter
@@ -110,13 +124,7 @@ def main() -> int:
                     help="a config override for every part, e.g. distill.epochs=3")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    work = Path(args.work).absolute()
-    work.mkdir(parents=True, exist_ok=True)
-    results_path = work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-
-    def save():
-        results_path.write_text(json.dumps(results, indent=1))
+    work, results, save = resumable(args.work)
 
     base = load_config(args.config, [*DISTILL_PROXY, *args.set, f"run_dir={work / 'runs'}"])
     t0 = time.perf_counter()

@@ -24,9 +24,8 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 
-from real_task import latency_pass  # noqa: E402  (benchmarks/ is the script's folder)
+from real_task import latency_pass, resumable  # noqa: E402  (benchmarks/ is the script's folder)
 
 from tacnas.nas.config import load_config  # noqa: E402
 from tacnas.nas.differentiable import differentiable_search  # noqa: E402
@@ -60,13 +59,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    work = Path(args.work).absolute()
-    work.mkdir(parents=True, exist_ok=True)
-    results_path = work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-
-    def save():
-        results_path.write_text(json.dumps(results, indent=1))
+    work, results, save = resumable(args.work)
 
     found = {}
     run = None

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from real_task import resumable  # benchmarks/ is the script's folder
 from scipy.stats import kendalltau
 from sklearn.model_selection import train_test_split
 
@@ -95,13 +96,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    work = Path(args.work).absolute()
-    work.mkdir(parents=True, exist_ok=True)
-    results_path = work / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-
-    def save():
-        results_path.write_text(json.dumps(results, indent=1))
+    work, results, save = resumable(args.work)
 
     base = load_config(args.config, ["task.max_train_samples=null"])
     files = write_task(work / "data", base, args.train, args.dev, args.pool, base.seed)

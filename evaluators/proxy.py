@@ -114,10 +114,13 @@ class DistillationProxy:
         (``pool_agreement``, its standard error and ``pool_n``)."""
         if self.pool_logits is None:
             return metrics
-        logits = predict_logits(model, self.data.pool, batch_size=128)
+        return {**metrics, **self._pool(predict_logits(model, self.data.pool, batch_size=128))}
+
+    def _pool(self, logits: torch.Tensor) -> dict:
+        """Agreement of ``logits`` (on the pool) with the teacher's, under the pool's keys."""
         pool = agreement_metrics(logits, self.pool_logits)
-        return {**metrics, "pool_agreement": pool["agreement"],
-                se_key("pool_agreement"): pool[se_key("agreement")], "pool_n": pool["n"]}
+        return {"pool_agreement": pool["agreement"], "pool_n": pool["n"],
+                se_key("pool_agreement"): pool[se_key("agreement")]}
 
     def final_scores(self, model: PreTrainedModel) -> tuple[dict, dict | None]:
         """``(metrics, fp32 metrics)`` of a trained candidate: its dev metrics where it is
@@ -132,10 +135,7 @@ class DistillationProxy:
         logits = runtime_logits(model, self.data.dev, self.backend)
         deployed = compute_metrics(logits, self.data.dev.labels, self.dev_logits)
         if self.pool_logits is not None:
-            pool = agreement_metrics(runtime_logits(model, self.data.pool, self.backend),
-                                     self.pool_logits)
-            deployed.update({"pool_agreement": pool["agreement"], "pool_n": pool["n"],
-                             se_key("pool_agreement"): pool[se_key("agreement")]})
+            deployed.update(self._pool(runtime_logits(model, self.data.pool, self.backend)))
         return deployed, metrics
 
     def evaluate(
