@@ -326,6 +326,13 @@ def _pool_texts(task, *, held_out: set, seed: int) -> list[tuple[str, ...]]:
     return keep
 
 
+def length_percentile(split: Split, percentile: float, max_length: int) -> int:
+    """The ``percentile``-th percentile of ``split``'s tokenized lengths (special tokens
+    included), rounded up to a multiple of 8 and capped at ``max_length``."""
+    q = float(np.percentile(split.lengths.numpy(), percentile))
+    return int(min(max_length, max(8, 8 * int(np.ceil(q / 8)))))
+
+
 def _tokenize(tokenizer, texts, labels, max_length: int) -> Split:
     cols = list(zip(*texts))
     enc = tokenizer(

@@ -18,6 +18,11 @@
   readings and the table's prediction is an outlier (``outlier``), ignored with a warning; a
   study's stored figure that a fresh measurement shows to be one is replaced, said so.
 
+- ``min_retention`` is a floor on the score, not on latency: ``floor`` is that fraction of the
+  teacher's own dev score under the search's objective (its task metric, or 1.0 for agreement
+  with itself); a trained candidate scoring under it violates the ``min_retention``
+  constraint, and the search then ranks feasible candidates by latency, fastest first.
+
 ``Budget.check(arch)`` returns a ``Verdict``: the latency it used and where it came from, the
 parameter count and how far over the tightest budget the candidate is. The study keeps the
 teacher's lowest figure and the budget it gives (``teacher_ms``, ``budget_ms``); every trial
@@ -135,6 +140,7 @@ class Budget:
                  budget_ms: float | None, study: optuna.Study | None = None):
         self.cfg, self.latency, self.params_of = cfg, latency, params_of
         self.budget_ms, self.study = budget_ms, study
+        self.floor: float | None = None  # budget.min_retention as a score (see resolve)
         self.readings: list[float] = []  # the teacher's plausible readings in this process
 
     # -- resolving and tightening
@@ -153,6 +159,7 @@ class Budget:
         budget = cls(b, lat, run.params_of, budget_ms=_latency_budget(b, teacher_ms),
                      study=study)
         budget.readings = [x for x in (stored, now) if x is not None]
+        budget.floor = floor_score(b.min_retention, run.teacher_dev, run.proxy.score_key)
         budget._check_reachable(run.space, teacher_ms)
         predicted = lat.teacher_predicted()
         if predicted is not None and abs(now / predicted - 1.0) > 0.15:
@@ -169,6 +176,7 @@ class Budget:
             study.set_user_attr("warnings", list(run.warnings))
             study.set_user_attr("teacher_params", run.teacher_params)
             study.set_user_attr("space_size", run.space.size)
+            study.set_user_attr("floor_score", budget.floor)
         if first or replaced:
             study.set_user_attr("teacher_ms", teacher_ms)
             study.set_user_attr("budget_ms", budget.budget_ms)
@@ -245,6 +253,29 @@ class Budget:
         params = self.params_of(arch)
         return Verdict(ms, source, self.latency.raw(arch), self.latency.scale, self.budget_ms,
                        params, self.violation(ms, params), time.perf_counter() - t0)
+
+
+def floor_score(min_retention: float | None, teacher_dev: dict, key: str) -> float | None:
+    """``budget.min_retention`` as a score under the search's objective ``key``: that fraction
+    of the teacher's dev score (agreement: of 1.0, the teacher agreeing with itself)."""
+    if min_retention is None:
+        return None
+    ref = 1.0 if key.endswith("agreement") else teacher_dev[key]
+    if not ref > 0:
+        raise UserError(f"budget.min_retention: the teacher's dev {key} is {ref:.4f}, so a "
+                        "fraction of it is no floor; use proxy.objective: agreement, or a "
+                        "latency/params budget instead")
+    return min_retention * ref
+
+
+def floor_violation(floor: float | None, score: float | None) -> float:
+    """How far under the floor a score is, as a fraction of the floor (<= 0: meets it); an
+    untrained candidate (no score) does not meet it."""
+    if floor is None:
+        return -1.0
+    if score is None:
+        return 1.0
+    return (floor - score) / floor
 
 
 OUTLIER = 0.5  # a teacher reading under half of every reference is impossible, not fast

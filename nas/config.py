@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -41,13 +41,20 @@ class SpaceConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class BudgetConfig:
-    """Any of latency_ms, speedup and max_params; every one given must hold."""
+    """Any of latency_ms, speedup and max_params; every one given must hold. With
+    min_retention the search looks for the fastest student keeping that fraction of the
+    teacher's dev score, within the others where given."""
 
     latency_ms: float | None = Field(None, gt=0)
     speedup: float | None = Field(None, gt=0)  # over the teacher, measured in the same run
     max_params: int | None = Field(None, ge=1)
     batch_size: int = Field(1, ge=1)
-    seq_len: int = Field(64, ge=1)
+    # the sequence length latency is measured at: a number, or task: the seq_len_percentile-th
+    # percentile of the dev split's tokenized lengths (up to task.max_length, rounded up to a
+    # multiple of 8). At batch 1 with dynamic padding a request costs its own length, so that
+    # share of the task's requests is served within the budget.
+    seq_len: Annotated[int, Field(ge=1)] | Literal["task"] = 64
+    seq_len_percentile: float = Field(90.0, gt=0, le=100)
     threads: int = Field(2, ge=1)
     warmup: int = Field(5, ge=0)
     repeats: int = Field(20, ge=1)  # timed passes per round, alternating with the reference
@@ -62,11 +69,16 @@ class BudgetConfig:
     # graph in ONNX Runtime, fp32) or onnxruntime-int8 (that graph, linear layers in int8);
     # see evaluators/runtime.py. The speedup is over the teacher in the same backend.
     backend: Literal["torch", "onnxruntime", "onnxruntime-int8"] = "torch"
+    # an accuracy floor: the fastest student whose dev score (task.metric, or agreement with
+    # the teacher under proxy.objective: agreement) is at least this fraction of the teacher's
+    min_retention: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _some_budget(self):
-        if self.latency_ms is None and self.speedup is None and self.max_params is None:
-            raise ValueError("give at least one of budget.latency_ms, budget.speedup, budget.max_params")
+        if self.latency_ms is None and self.speedup is None and self.max_params is None \
+                and self.min_retention is None:
+            raise ValueError("give at least one of budget.latency_ms, budget.speedup, "
+                             "budget.max_params, budget.min_retention")
         return self
 
 
@@ -183,6 +195,7 @@ class DifferentiableConfig:
     tau_start: float = Field(5.0, gt=0)  # Gumbel-softmax temperature, annealed exponentially
     tau_end: float = Field(0.5, gt=0)
     latency_weight: float = Field(1.0, ge=0)  # beta of the latency loss
+    floor_candidates: int = Field(8, ge=1)  # under budget.min_retention: likely ones scored
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)
 
@@ -201,6 +214,13 @@ class RunConfig:
     seed: int = 0  # sampling, data splits and initialisation
     run_dir: str = "runs"
     cache_dir: str | None = None  # default: $TACNAS_CACHE or ~/.cache/tacnas
+
+    @model_validator(mode="after")
+    def _floor_ranks_by_latency(self):
+        if self.budget.min_retention is not None and self.search.pruner != "none":
+            raise ValueError("search.pruner: with budget.min_retention the search minimises "
+                             "latency, and a pruner compares scores; set search.pruner: none")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

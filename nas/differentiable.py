@@ -17,6 +17,11 @@ dragged onto the smallest choices (a reproduction of AdaBERT collapsed onto para
 operations); its entropy per dimension is logged so that a collapse would show. The Gumbel
 temperature anneals exponentially from ``tau_start`` to ``tau_end``.
 
+Under an accuracy floor (``budget.min_retention``) the latency term is linear instead,
+``beta * E[latency] / teacher``, a pull towards fast choices that the KD loss resists; the
+``floor_candidates`` most likely architectures within the budget are then each scored, and the
+fastest that keeps the floor is the result.
+
 The derived architecture is the most likely one (each dimension's argmax) if it is valid and
 within every budget under the latency model; otherwise the most likely (highest joint
 probability) architecture of the space that is. It is written into the study as a trial with
@@ -47,10 +52,10 @@ from tacnas.evaluators.checkpoint import resume, save_checkpoint
 from tacnas.evaluators.latency_table import LatencyTable
 from tacnas.evaluators.metrics import se_key
 from tacnas.evaluators.training import kd_loss, optimizer_step, shuffled_batches
-from tacnas.nas.budget import Budget
+from tacnas.nas.budget import Budget, floor_violation
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import WORKER, TrialRecord, TrialStatus
-from tacnas.nas.study import checkpoint_dir, run_folder
+from tacnas.nas.study import best_trial, checkpoint_dir, floor_unmet, run_folder
 from tacnas.searchspace.arch import ArchConfig, InvalidArch
 from tacnas.searchspace.space import ALL, HIDDEN, SearchSpace
 from tacnas.searchspace.supernet import Supernet
@@ -119,7 +124,8 @@ class ArchParams(torch.nn.Module):
         return {n: p.softmax(-1) for n, p in self.logits.items()}
 
     def entropy(self) -> dict[str, float]:
-        return {n: float(-(p * p.clamp_min(1e-12).log()).sum()) for n, p in self.probs().items()}
+        return {n: float(-(p * p.clamp_min(1e-12).log()).sum().detach())
+                for n, p in self.probs().items()}
 
     def gumbel(self, tau: float) -> dict[str, torch.Tensor]:
         return {n: F.gumbel_softmax(p, tau=tau, hard=True) for n, p in self.logits.items()}
@@ -239,7 +245,8 @@ def _start(run: Run, study: optuna.Study) -> _Search:
     return search
 
 
-def _step(run: Run, s: _Search, budget_ms: float | None, train, dev) -> dict:
+def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
+          floor_ref: float | None = None) -> dict:
     """One weight step and, after the warm-up, one architecture step; what to log."""
     d, p, data = run.cfg.differentiable, run.cfg.proxy, run.data
     step = s.state["step"]
@@ -263,7 +270,10 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev) -> dict:
     l_kd = kd_loss(logits, run.proxy.dev_logits[didx], data.dev.labels[didx],
                    temperature=p.temperature, alpha_ce=p.alpha_ce)
     e_lat = s.expected(s.alpha.probs()) * run.latency.scale
-    l_lat = torch.relu(e_lat / budget_ms - 1.0) if budget_ms else e_lat * 0
+    if floor_ref is not None:  # an accuracy floor: every millisecond saved counts
+        l_lat = e_lat / floor_ref
+    else:
+        l_lat = torch.relu(e_lat / budget_ms - 1.0) if budget_ms else e_lat * 0
     optimizer_step(l_kd + d.latency_weight * l_lat, s.opt_a, max_norm=None,
                    lr_key="differentiable.arch_lr")
     s.opt_w.zero_grad(set_to_none=True)  # the weights are not moved by dev data
@@ -271,7 +281,7 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev) -> dict:
 
 
 def _train(run: Run, s: _Search, budget_ms: float | None, timeout: float | None,
-           name: str) -> bool:
+           name: str, floor_ref: float | None = None) -> bool:
     """Steps until ``differentiable.steps`` or ``timeout``; True if it timed out."""
     d, data, state = run.cfg.differentiable, run.data, s.state
     train = shuffled_batches(len(data.train), d.batch_size, run.cfg.seed, data.train.lengths,
@@ -292,7 +302,7 @@ def _train(run: Run, s: _Search, budget_ms: float | None, timeout: float | None,
             state["seconds"] = time.perf_counter() - start
             s.save()
             break
-        logged = _step(run, s, budget_ms, train, dev)
+        logged = _step(run, s, budget_ms, train, dev, floor_ref)
         state["step"] += 1
         bar.update(1)
         if state["step"] % d.log_every == 0 or state["step"] == d.steps:
@@ -324,8 +334,11 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
     if done:
         log.info("study %s already holds the derived architecture (trial %d)",
                  study.study_name, done[0].number)
-        return {"trained": 1, "target": 1, "exhausted": False,
-                "budget_ms": study.user_attrs.get("budget_ms"), "trial": done[0].number}
+        if (unmet := floor_unmet(study)) is not None:
+            raise UserError(unmet)
+        best = best_trial(study) or done[0]
+        return {"trained": len(done), "target": len(done), "exhausted": False,
+                "budget_ms": study.user_attrs.get("budget_ms"), "trial": best.number}
     if run.latency.source != "predicted":
         raise UserError("search.strategy: differentiable needs the latency model "
                         "(budget.latency: predict)")
@@ -334,7 +347,9 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
                         f"differentiable.steps={d.steps}, or no architecture step is taken")
     budget = Budget.resolve(run, study)
     search = _start(run, study)
-    timed_out = _train(run, search, budget.budget_ms, timeout, study.study_name)
+    # under an accuracy floor the latency term pulls down throughout, relative to the teacher
+    floor_ref = study.user_attrs["teacher_ms"] if budget.floor is not None else None
+    timed_out = _train(run, search, budget.budget_ms, timeout, study.study_name, floor_ref)
     try:
         return _record(run, study, search, budget, timed_out)
     finally:
@@ -342,8 +357,54 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
 
 
 def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out: bool) -> dict:
-    """Derive the architecture, score its extracted slice, write it into the study as a trial."""
-    arch, how = derive(run, s.net, s.alpha, budget)
+    """Derive the architecture, score its extracted slice, write it into the study as a trial.
+    Under an accuracy floor, the ``floor_candidates`` most likely architectures within the
+    budget are each scored and recorded, and the fastest that keeps the floor is the result."""
+    if budget.floor is None:
+        arch, how = derive(run, s.net, s.alpha, budget)
+        ladder = [(arch, how)]
+    else:
+        ladder = [(a, f"{i + 1}. most likely within the budget")
+                  for i, a in enumerate(likely(run, s.net, s.alpha, budget,
+                                               run.cfg.differentiable.floor_candidates))]
+    done = [_record_one(run, study, s, arch, how, budget, timed_out) for arch, how in ladder]
+    (s.folder.parent / "differentiable_history.json").write_text(
+        json.dumps(s.state["history"], indent=1))
+    if budget.floor is None:
+        chosen = done[0]
+    else:
+        keep = [d for d in done if d["score"] >= budget.floor and d["fits"]]
+        if not keep:
+            raise UserError(floor_unmet(study))
+        chosen = min(keep, key=lambda d: d["latency_ms"])
+        log.info("accuracy floor %.4f: %d of %d likely candidates keep it; the fastest is %s "
+                 "(%.2f ms)", budget.floor, len(keep), len(done), chosen["arch"],
+                 chosen["latency_ms"])
+    if not chosen["fits"]:
+        log.warning("%s measured %.2f ms, over the budget of %.2f ms (the model predicted it "
+                    "within): pick another with `status`/`export --trial`", chosen["arch"],
+                    chosen["latency_ms"], budget.budget_ms)
+    return {"trained": len(done), "target": len(done), "exhausted": False,
+            "budget_ms": budget.budget_ms, **{k: v for k, v in chosen.items() if k != "fits"},
+            "seconds": s.state["seconds"]}
+
+
+def likely(run: Run, net: Supernet, alpha: ArchParams, budget: Budget, k: int) -> list[ArchConfig]:
+    """The ``k`` most likely architectures (joint probability) within every latency/params
+    budget, most likely first."""
+    probs = {n: p.detach().log_softmax(-1) for n, p in alpha.logits.items()}
+    index_of = {n: {c: i for i, c in enumerate(ch)} for n, ch in net.dims()}
+    ranked = sorted(run.space.all_archs(), key=lambda a: -sum(
+        float(probs[n][index_of[n][c]]) for n, c in _params_of(net, a).items()))
+    out = [a for a in ranked if budget.check(a).fits][:k]
+    if not out:
+        raise UserError("budget: no architecture of the space fits the budget; relax the "
+                        "budget or add smaller choices to space")
+    return out
+
+
+def _record_one(run: Run, study: optuna.Study, s: _Search, arch: ArchConfig, how: str,
+                budget: Budget, timed_out: bool) -> dict:
     v = budget.check(arch)  # measured if within the guard band
     model = s.net.extract(arch)
     metrics, fp32 = run.proxy.final_scores(model)  # in the budget's runtime
@@ -365,14 +426,9 @@ def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out
                "timed_out": timed_out},
     ).write(trial)
     trial.set_constraint("budget", v.violation)
+    if budget.floor is not None:
+        trial.set_constraint("min_retention", floor_violation(budget.floor, score))
     model.save_pretrained(checkpoint_dir(run.cfg.run_dir, study.study_name, trial.number))
-    (s.folder.parent / "differentiable_history.json").write_text(
-        json.dumps(s.state["history"], indent=1))
-    study.tell(trial, score)
-    if not v.fits:
-        log.warning("%s measured %.2f ms, over the budget of %.2f ms (the model predicted it "
-                    "within): pick another with `status`/`export --trial`", arch.name,
-                    v.latency_ms, budget.budget_ms)
-    return {"trained": 1, "target": 1, "exhausted": False, "budget_ms": budget.budget_ms,
-            "trial": trial.number, "arch": arch.name, "derived": how, "score": score,
-            "latency_ms": v.latency_ms, "seconds": s.state["seconds"]}
+    study.tell(trial, v.latency_ms if budget.floor is not None else score)
+    return {"trial": trial.number, "arch": arch.name, "derived": how, "score": score,
+            "latency_ms": v.latency_ms, "fits": v.fits}

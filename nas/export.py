@@ -27,7 +27,7 @@ from tacnas.nas.deploy import choose_runtimes, measure_runtimes
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.nas.report import comparison_text
-from tacnas.nas.study import best_trial, checkpoint_dir
+from tacnas.nas.study import best_trial, checkpoint_dir, floor_unmet
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     if number is None:
         best = best_trial(study)
         if best is None:
-            raise UserError(f"--study {study.study_name}: no trained candidate within the budget yet")
+            raise UserError(floor_unmet(study) or
+                            f"--study {study.study_name}: no trained candidate within the budget yet")
         return best
     trials = study.get_trials(deepcopy=False)
     if not 0 <= number < len(trials):

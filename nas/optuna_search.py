@@ -23,13 +23,15 @@ from tacnas.errors import UserError
 from tacnas.evaluators.metrics import se_key, worst
 from tacnas.evaluators.proxy import Stopped
 from tacnas.evaluators.training import Diverged
-from tacnas.nas.budget import Budget
+from tacnas.nas.budget import Budget, floor_violation
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import WORKER, TrialRecord, TrialStatus
 from tacnas.nas.study import (
     best_trials,
     checkpoint_dir,
     finished_same_arch,
+    floor_unmet,
+    min_retention,
     trained_count,
 )
 from tacnas.searchspace.arch import InvalidArch
@@ -45,10 +47,19 @@ class Objective:
     def __init__(self, run: Run, study: optuna.Study, budget: Budget):
         self.run, self.study, self.budget = run, study, budget
         self.multi = len(study.directions) > 1
+        self.floor = run.cfg.budget.min_retention is not None  # the latency ranks, a floor holds
         self.worst = worst(run.cfg)
 
     def _values(self, score: float, latency_ms: float):
-        return (score, latency_ms) if self.multi else score
+        if self.multi:
+            return (score, latency_ms)
+        return latency_ms if self.floor else score
+
+    def _floor(self, trial: optuna.Trial, score: float | None) -> None:
+        """The ``min_retention`` constraint (under an accuracy floor only): an untrained
+        candidate does not meet it."""
+        if self.floor:
+            trial.set_constraint("min_retention", floor_violation(self.budget.floor, score))
 
     def __call__(self, trial: optuna.Trial):
         rec = TrialRecord(worker=WORKER)
@@ -59,6 +70,7 @@ class Objective:
             dataclasses.replace(rec, status=TrialStatus.INVALID, reason=str(e)).write(
                 trial, "status", "reason")
             trial.set_constraint("budget", 1.0)
+            self._floor(trial, None)
             return self._values(self.worst, math.inf)
         rec = dataclasses.replace(rec, arch=arch)
         rec.write(trial, "arch")
@@ -76,6 +88,7 @@ class Objective:
                   "budget_ms", "params", "budget_check_s")
         trial.set_constraint("budget", v.violation)
         if not v.fits:
+            self._floor(trial, None)
             dataclasses.replace(rec, status=TrialStatus.OVER_BUDGET).write(trial, "status")
             return self._values(self.worst, v.latency_ms)
 
@@ -106,6 +119,7 @@ class Objective:
             fp32_score=None if fp32 is None else fp32[key],
         ).write(trial, "status", "score", "score_se", "metrics", "curve", "train_seconds",
                 "fp32_score")
+        self._floor(trial, result.score)
         return self._values(result.score, v.latency_ms)
 
     def _reuse(self, trial: optuna.Trial, rec: TrialRecord, same: FrozenTrial):
@@ -217,13 +231,21 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
         raise UserError(f"{diverged[0].reason} (every candidate trained so far diverged: "
                         f"{len(diverged)})")
     if not any(r.trained for r in records):
+        within = (f"the budget of {budget.budget_ms:.2f} ms" if budget.budget_ms is not None
+                  else "budget.max_params")
         raise UserError(
-            f"budget: no candidate met the budget of {budget.budget_ms:.2f} ms in "
+            f"budget: no candidate met {within} in "
             f"{len(study.trials)} tries; relax the budget or add smaller choices to space"
         )
+    if (unmet := floor_unmet(study)) is not None:
+        raise UserError(unmet)
     return summary
 
 
 def _best_text(study: optuna.Study) -> str:
     best = best_trials(study)
-    return f"{max(TrialRecord.read(t).score for t in best):.4f}" if best else "-"
+    if not best:
+        return "-"
+    if min_retention(study) is not None:  # the fastest that keeps the floor
+        return f"{min(TrialRecord.read(t).latency_ms for t in best):.2f} ms"
+    return f"{max(TrialRecord.read(t).score for t in best):.4f}"

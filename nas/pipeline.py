@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from tacnas.errors import UserError
 from tacnas.evaluators.checkpoint import discard
-from tacnas.evaluators.data import TaskData, load_task
+from tacnas.evaluators.data import TaskData, length_percentile, load_task
 from tacnas.evaluators.latency import LatencyMeter
 from tacnas.evaluators.latency_table import (
     CorruptTable,
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 class Run:
     """What a search, export or distillation works with, prepared once from the config."""
 
-    cfg: RunConfig
+    cfg: RunConfig  # as given, except budget.seq_len: task resolved to the task's length
     cache: Path
     data: TaskData
     teacher: Teacher
@@ -87,6 +88,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
 
         teacher_config = AutoConfig.from_pretrained(source, trust_remote_code=t.trust_remote_code)
     data = load_task(cfg.task, tokenizer, teacher_config=teacher_config, seed=cfg.seed)
+    cfg = resolve_seq_len(cfg, data)
     teacher = load_teacher(t, data, tokenizer=tokenizer, cache_dir=cache, seed=cfg.seed,
                            progress=progress)
     train_logits = teacher_logits(teacher, data.train, name="train", cache_dir=cache,
@@ -145,6 +147,18 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
     return Run(cfg, cache, data, teacher, space, latency, proxy, teacher_dev, progress, warnings)
 
 
+def resolve_seq_len(cfg: RunConfig, data: TaskData) -> RunConfig:
+    """``budget.seq_len: task`` -> the dev split's length at ``budget.seq_len_percentile``."""
+    b = cfg.budget
+    if b.seq_len != "task":
+        return cfg
+    n = length_percentile(data.dev, b.seq_len_percentile, cfg.task.max_length)
+    log.info("budget.seq_len: task -> %d tokens (percentile %g of %d dev lengths, median %d, "
+             "task.max_length %d)", n, b.seq_len_percentile, len(data.dev),
+             int(data.dev.lengths.median()), cfg.task.max_length)
+    return dataclasses.replace(cfg, budget=dataclasses.replace(b, seq_len=n))
+
+
 def check_backend(backend: str) -> None:
     if backend != "torch":
         require_onnx(f"budget.backend={backend}")
@@ -194,6 +208,9 @@ def profile_device(cfg: RunConfig, *, fresh: bool = False, progress: bool = True
     except OSError as e:
         raise UserError(f"teacher: cannot read the config of {source} ({e})") from None
     space = cfg.space.build(tc.hidden_size // tc.num_attention_heads)
+    if cfg.budget.seq_len == "task":  # the data's lengths, tokenized as a search does
+        tokenizer = load_tokenizer(source, trust_remote_code=t.trust_remote_code)
+        cfg = resolve_seq_len(cfg, load_task(cfg.task, tokenizer, seed=cfg.seed))
     b = cfg.budget
     check_backend(b.backend)
     meter = LatencyMeter(tc, batch_size=b.batch_size, seq_len=b.seq_len, threads=b.threads,

@@ -7,7 +7,14 @@ from optuna.trial import FrozenTrial
 
 from tacnas.evaluators.metrics import FIX_DEV, fmt_score, overlapping, se_key
 from tacnas.nas.record import TrialRecord, TrialStatus
-from tacnas.nas.study import best_trials, feasible_trained, pareto_front, trained_count
+from tacnas.nas.study import (
+    best_trials,
+    feasible_trained,
+    floor_unmet,
+    min_retention,
+    pareto_front,
+    trained_count,
+)
 
 
 def _fmt(v, spec: str) -> str:
@@ -45,7 +52,19 @@ def score_warnings(study: optuna.Study) -> list[str]:
     best feasible candidate is separated from the others on the split that ranked them."""
     attrs = study.user_attrs
     lines = list(attrs.get("warnings", []))
-    if len(study.directions) == 1:
+    floor = attrs.get("floor_score")
+    if min_retention(study) is not None and floor is not None:
+        best = best_trials(study)
+        if best:
+            t = min(best, key=lambda t: TrialRecord.read(t).latency_ms)
+            r = TrialRecord.read(t)
+            if r.score_se and r.score - floor < 2 * r.score_se:
+                lines.append(
+                    f"#{t.number} {r.arch_name} keeps the floor ({floor:.4f}) by "
+                    f"{r.score - floor:.4f}, less than twice its standard error ({r.score_se:.4f}): "
+                    "the next slower candidate is the safer pick, and more dev data "
+                    "(task.split.dev) would make the check firmer")
+    elif len(study.directions) == 1:
         key = attrs.get("ranked_by", {}).get("key", _metric(study))
         scored, n = [], None
         for t in feasible_trained(study):
@@ -69,6 +88,10 @@ def status_text(study: optuna.Study) -> str:
             "score ± s.e. (int8)" if int8 else "score ± s.e."] + (["fp32 score"] if int8 else [])
     teacher_dev = attrs.get("teacher_dev", {})
     metric = _metric(study)
+    frac, floor = min_retention(study), attrs.get("floor_score")
+    floor_line = ([] if frac is None else [
+        f"accuracy floor: the fastest candidate keeping {frac:.1%} of the teacher's score "
+        f"(score >= {_fmt(floor, '.4f')})"])
     lines = [
         f"study {study.study_name}: {len(rows)} trials, {trained_count(study)} trained "
         f"(target {attrs.get('n_trials', '-')}), space of {attrs.get('space_size', '?')} "
@@ -78,6 +101,7 @@ def status_text(study: optuna.Study) -> str:
         f" dev {metric} {fmt_score(teacher_dev.get(metric), teacher_dev.get(se_key(metric)))}",
         "score: " + attrs.get("ranked_by", {}).get("name", f"dev {metric}")
         + "; s.e.: its standard error on that split",
+        *floor_line,
         "",
         table(head, rows),
         "",
@@ -85,9 +109,11 @@ def status_text(study: optuna.Study) -> str:
     best = best_trials(study)
     if best:
         title = "best" if len(study.directions) == 1 else "Pareto front (feasible, trained)"
+        if frac is not None and len(study.directions) == 1:
+            title = "fastest keeping the floor"
         lines.append(f"{title}: " + ", ".join(_brief(t) for t in best))
     else:
-        lines.append("no trained candidate within the budget yet")
+        lines.append(floor_unmet(study) or "no trained candidate within the budget yet")
     lines += [f"warning: {w}" for w in score_warnings(study)]
     return "\n".join(lines)
 

@@ -82,7 +82,16 @@ def is_multi_objective(cfg: RunConfig) -> bool:
 
 
 def directions(cfg: RunConfig) -> list[str]:
-    return ["maximize", "minimize"] if is_multi_objective(cfg) else ["maximize"]
+    """(score up, latency down) for a Pareto front; one objective otherwise: the score, or,
+    under an accuracy floor (``budget.min_retention``, a constraint), the latency."""
+    if is_multi_objective(cfg):
+        return ["maximize", "minimize"]
+    return ["minimize"] if cfg.budget.min_retention is not None else ["maximize"]
+
+
+def min_retention(study: optuna.Study) -> float | None:
+    """The study's accuracy floor as a fraction of the teacher (``budget.min_retention``)."""
+    return study.user_attrs.get("config", {}).get("budget", {}).get("min_retention")
 
 
 def make_sampler(cfg: RunConfig, *, offset: int = 0):
@@ -247,20 +256,47 @@ def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best feasible trained trial (single objective), or the feasible trained Pareto front
-    over (score up, latency down) for a multi-objective study."""
+    """The best feasible trained trial (single objective: the highest score, or under an
+    accuracy floor the fastest), or the feasible trained Pareto front over (score up, latency
+    down) for a multi-objective study. Feasible includes meeting the floor."""
     done = feasible_trained(study)
     if not done:
         return []
     if len(study.directions) == 1:
+        if min_retention(study) is not None:
+            return [min(done, key=lambda t: (TrialRecord.read(t).latency_ms,
+                                             -TrialRecord.read(t).score, t.number))]
         return [max(done, key=lambda t: (t.value, -t.number))]
     return pareto_front(done)
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The one trial to export: the best, or the highest-scoring member of the front."""
+    """The one trial to export: the best, or the front's highest-scoring member (under an
+    accuracy floor, its fastest)."""
     best = best_trials(study)
-    return max(best, key=lambda t: TrialRecord.read(t).score) if best else None
+    if not best:
+        return None
+    if min_retention(study) is not None:
+        return min(best, key=lambda t: TrialRecord.read(t).latency_ms)
+    return max(best, key=lambda t: TrialRecord.read(t).score)
+
+
+def floor_unmet(study: optuna.Study) -> str | None:
+    """Under an accuracy floor with trained candidates of which none meets it: one line naming
+    ``budget.min_retention``, the best retention seen and the fix. None otherwise."""
+    floor, frac = study.user_attrs.get("floor_score"), min_retention(study)
+    if floor is None or frac is None or feasible_trained(study):
+        return None
+    trained = [(t, r) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if (r := TrialRecord.read(t)).trained and r.score is not None]
+    if not trained:
+        return None
+    t, r = max(trained, key=lambda tr: tr[1].score)
+    return (f"budget.min_retention={frac:g}: none of the {len(trained)} trained candidates "
+            f"keeps {frac:.1%} of the teacher's dev score (floor {floor:.4f}; best "
+            f"{r.score:.4f} = {r.score * frac / floor:.1%}, {r.arch_name}, trial {t.number}); "
+            "lower budget.min_retention, train more candidates (search.n_trials) or add larger "
+            "choices to space")
 
 
 def arch_of(trial: FrozenTrial) -> ArchConfig:

@@ -255,10 +255,11 @@ def _finish_search(run, study, n_trials, timeout) -> int:
     if run.cfg.search.strategy != "differentiable":
         print(f"\n{summary['trained']} trained of {summary['target']} requested")
     elif "derived" in summary:
+        within = ("" if summary["budget_ms"] is None
+                  else f" against a budget of {summary['budget_ms']:.2f} ms")
         print(f"\nderived {summary['arch']} ({summary['derived']}): "
-              f"{summary['latency_ms']:.2f} ms against a budget of "
-              f"{summary['budget_ms']:.2f} ms; supernet dev score {summary['score']:.4f}; "
-              f"{summary['seconds']:.0f} s of search")
+              f"{summary['latency_ms']:.2f} ms{within}; supernet dev score "
+              f"{summary['score']:.4f}; {summary['seconds']:.0f} s of search")
     return 0
 
 

@@ -177,18 +177,20 @@ def _synthetic_split(n: int, seed: int) -> Split:
 
 
 def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna",
-             se: float | None = None):
+             se: float | None = None, min_retention: float | None = None,
+             multi_objective: bool = False):
     """A search on a synthetic evaluator: latency is the architecture's FLOPs (measured and
-    predicted alike), the proxy's score is ``true_score``, so the feasible optimum is known.
+    predicted alike), the proxy's score is ``true_score``, so the feasible optimum is known
+    (``speedup=None``: no latency budget; ``min_retention``: an accuracy floor, teacher 0.9).
     With ``strategy: differentiable`` it also has what that search trains: a random BERT
     teacher (4 layers, hidden 128, 8 heads of 16, FFN 256), random token data and logits."""
     cfg = config_from_dict(dict(
         task=dict(dataset="x.csv"), teacher=dict(model="t"),
         space=dict(num_layers=[1, 2, 3, 4], hidden_size=[32, 64, 96, 128],
                    intermediate_size=[64, 128, 256]),
-        budget=dict(speedup=speedup), search=dict(sampler=sampler, n_trials=n_trials,
-                                                  n_startup_trials=4, max_rejections=60,
-                                                  strategy=strategy),
+        budget=dict(speedup=speedup, min_retention=min_retention),
+        search=dict(sampler=sampler, n_trials=n_trials, n_startup_trials=4, max_rejections=60,
+                    strategy=strategy, multi_objective=multi_objective),
         differentiable=dict(steps=12, warmup_steps=4, batch_size=8, log_every=4,
                             checkpoint_every=4),
         run_dir=str(tmp_path),
