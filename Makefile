@@ -32,7 +32,7 @@ demo: $(STAMP)
 		--out runs/demo/final
 
 test: $(STAMP) $(NNI_STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 tests
 	# search.strategy: nni-*, in the environment that has NNI (skipped in the one above)
 	HF_HUB_OFFLINE=1 TACNAS_REQUIRE_NNI=1 $(NNI_VENV)/bin/python -m pytest -q tests/test_nni.py \
 		tests/test_contract.py -k "nni"

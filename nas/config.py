@@ -220,6 +220,10 @@ class RunConfig:
         if self.budget.min_retention is not None and self.search.pruner != "none":
             raise ValueError("search.pruner: with budget.min_retention the search minimises "
                              "latency, and a pruner compares scores; set search.pruner: none")
+        if self.budget.min_retention is not None and self.search.strategy.startswith("nni-"):
+            raise ValueError(f"search.strategy: {self.search.strategy} maximises a score and "
+                             "cannot hold budget.min_retention; use search.strategy: optuna or "
+                             "differentiable")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -92,12 +92,16 @@ def test_a_floor_no_candidate_meets_is_a_user_error_naming_the_field(tmp_path):
     assert "budget.min_retention=1: none of the 6" in status_text(study)
 
 
-def test_the_floor_with_a_pruner_is_refused():
-    with pytest.raises(UserError, match=r"search\.pruner: with budget\.min_retention"):
+@pytest.mark.parametrize("search, fragment", [
+    (dict(pruner="median"), r"search\.pruner: with budget\.min_retention"),
+    (dict(strategy="nni-evolution"), r"search\.strategy: nni-evolution maximises a score"),
+])
+def test_the_floor_with_a_pruner_or_an_nni_strategy_is_refused(search, fragment):
+    with pytest.raises(UserError, match=fragment):
         config_from_dict(dict(task=dict(dataset="x.csv"), teacher=dict(model="t"),
                               space=dict(num_layers=[1], hidden_size=[32],
                                          intermediate_size=[64]),
-                              budget=dict(min_retention=0.9), search=dict(pruner="median")))
+                              budget=dict(min_retention=0.9), search=search))
 
 
 def test_differentiable_search_under_a_floor_picks_the_fastest_likely_keeper(tmp_path):
