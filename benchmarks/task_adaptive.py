@@ -72,6 +72,8 @@ def main() -> int:
     ap.add_argument("--floor", type=float, default=0.99)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sweeps", type=int, default=5)
+    ap.add_argument("--no-floor-distill", action="store_true",
+                    help="report the floors' students by their search figures only")
     ap.add_argument("--data", type=Path, default=spam_assassin.default_out(),
                     help="the converted SpamAssassin file (made if missing)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -164,7 +166,7 @@ def main() -> int:
         cfg = load_config(path, [*over, "budget.speedup=null",
                                  f"budget.min_retention={args.floor}"])
         floors[t] = search(t, f"{t}_floor{args.floor:g}", cfg)
-        if floors[t]["arch"] is not None:
+        if floors[t]["arch"] is not None and not args.no_floor_distill:
             finish(t, ArchConfig.from_dict(floors[t]["arch"]), t, 0, "floor")
 
     # 5. one latency pass per task at its own length
@@ -190,6 +192,18 @@ def main() -> int:
             "seed": int(seed[1:]), "test_score": u["test"], "dev_score": u["dev"],
             "latency_ms": ms, "speedup": lat[eval_t]["teacher_ms"] / ms,
             "seq_len": lat[eval_t]["seq_len"], "teacher_test_score": u["teacher_test"]})
+    for r in records:
+        if r["kind"] == "floor":
+            f = floors[r["arch_from"]]
+            r.update(proxy_dev_score=f["proxy_score"], floor_score=f["floor_score"])
+    for t, f in floors.items():  # a floor's student not final-distilled: its search figures
+        if f["arch"] is not None and f"floor/{t}->{t}/s0" not in units:
+            a = ArchConfig.from_dict(f["arch"])
+            ms = lat[t]["ms"][a.name]
+            records.append({"kind": "floor", "arch_from": t, "eval_task": t, "arch": a.name,
+                            "seed": None, "test_score": None, "latency_ms": ms,
+                            "speedup": lat[t]["teacher_ms"] / ms, "seq_len": lat[t]["seq_len"],
+                            "proxy_dev_score": f["proxy_score"], "floor_score": f["floor_score"]})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "task_adaptive.json").write_text(json.dumps(records, indent=1) + "\n")
 
@@ -232,14 +246,16 @@ def main() -> int:
             print(f"  {t}: {f['error']}")
             continue
         a = ArchConfig.from_dict(f["arch"])
-        u = units[f"floor/{t}->{t}/s0"]
+        u = units.get(f"floor/{t}->{t}/s0")
         ms = lat[t]["ms"][a.name]
+        final = "not final-distilled (--no-floor-distill)" if u is None else (
+            f"after the final recipe (seed 0): dev {u['dev']:.4f} "
+            f"({100 * u['dev'] / u['teacher_dev']:.1f}%), test {u['test']:.4f} "
+            f"({100 * u['test'] / u['teacher_test']:.1f}% of {u['teacher_test']:.4f})")
         print(f"  {t}: {a.name}, proxy dev {f['proxy_score']:.4f} >= floor "
               f"{f['floor_score']:.4f} (teacher dev {f['teacher_dev']:.4f}); {ms:.2f} ms, "
-              f"{lat[t]['teacher_ms'] / ms:.2f}x faster than its teacher; after the final "
-              f"recipe (seed 0): dev {u['dev']:.4f} ({100 * u['dev'] / u['teacher_dev']:.1f}%), "
-              f"test {u['test']:.4f} ({100 * u['test'] / u['teacher_test']:.1f}% of "
-              f"{u['teacher_test']:.4f}); {f['trained']} trained")
+              f"{lat[t]['teacher_ms'] / ms:.2f}x faster than its teacher; {final}; "
+              f"{f['trained']} trained")
     print("\nwall time (s): " + "; ".join(f"{k} {v:.0f}" for k, v in secs.items())
           + f"; distillations {sum(u['seconds'] for u in units.values()):.0f} "
           f"({len(units)} runs)")
