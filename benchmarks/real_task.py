@@ -98,6 +98,19 @@ def resumable(folder: str) -> tuple[Path, dict, object]:
     return work, results, save
 
 
+def distill_seed(run, arch: ArchConfig, out: Path, seed: int, **kwargs) -> dict:
+    """The final recipe (``distill``) of ``arch`` with ``seed`` (initialisation and batch
+    order; the data splits stay those ``run`` was prepared with): the student's and the
+    teacher's dev and test accuracy, the steps run and the wall time."""
+    seeded = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, seed=seed))
+    t0 = time.perf_counter()
+    rep = distill(seeded, arch, out, **kwargs)
+    return {"test": rep["student"]["test"]["accuracy"], "dev": rep["student"]["dev"]["accuracy"],
+            "teacher_test": rep["teacher"]["test"]["accuracy"],
+            "teacher_dev": rep["teacher"]["dev"]["accuracy"],
+            "steps": rep["distill"]["steps_run"], "seconds": time.perf_counter() - t0}
+
+
 def latency_pass(run, archs: list[ArchConfig], sweeps: int) -> tuple[dict, float]:
     """Every model and the teacher, alternating, ``sweeps`` times: medians (ms)."""
     meter = run.meter

@@ -41,11 +41,15 @@ import statistics
 import time
 from pathlib import Path
 
-from real_task import hand_families, latency_pass, resumable  # benchmarks/ is the script's folder
+from real_task import (  # benchmarks/ is the script's folder
+    distill_seed,
+    hand_families,
+    latency_pass,
+    resumable,
+)
 
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.nas.config import load_config
-from tacnas.nas.distill import distill
 from tacnas.nas.pipeline import prepare
 from tacnas.nas.record import TrialRecord
 from tacnas.nas.report import table as text_table
@@ -87,6 +91,12 @@ def hand_students(run, speedup: float) -> dict[str, tuple[ArchConfig, list[int],
             min(members, key=lambda m: ms[m[0].name])
         out[fam] = (pick[0], pick[1], bool(fit))
     return out
+
+
+def ident_of(st: dict) -> tuple[ArchConfig, str]:
+    """A student's arch and its name with the teacher layers it starts from (hand ones)."""
+    a = ArchConfig.from_dict(st["arch"])
+    return a, a.name + ("" if st["layers"] is None else "-T" + "".join(map(str, st["layers"])))
 
 
 def _teacher(run) -> ArchConfig:
@@ -161,30 +171,17 @@ def main() -> int:
             b = key.split("/")[0]
             if b not in args.budgets or (wanted is not None and key not in wanted):
                 continue
-            arch = ArchConfig.from_dict(st["arch"])
-            ident = arch.name + ("" if st["layers"] is None else
-                                 "-T" + "".join(map(str, st["layers"])))
+            arch, ident = ident_of(st)
             unit = f"{ident}/s{seed}"
             if unit in units:
                 continue
-            run = run_for(parse_budget(b)[1])
-            seeded = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, seed=seed))
-            t0 = time.perf_counter()
-            rep = distill(seeded, arch, work / "distilled" / unit.replace("/", "_"),
-                          label=unit, layers=st["layers"])
-            units[unit] = {"test": rep["student"]["test"]["accuracy"],
-                           "dev": rep["student"]["dev"]["accuracy"],
-                           "teacher_test": rep["teacher"]["test"]["accuracy"],
-                           "steps": rep["distill"]["steps_run"],
-                           "seconds": time.perf_counter() - t0}
+            units[unit] = distill_seed(run_for(parse_budget(b)[1]), arch,
+                                       work / "distilled" / unit.replace("/", "_"), seed,
+                                       label=unit, layers=st["layers"])
             save()
             print(f"{key} seed {seed}: test {units[unit]['test']:.4f}", flush=True)
 
     # one latency pass per batch size, once every unit is in
-    def ident_of(st):
-        a = ArchConfig.from_dict(st["arch"])
-        return a, a.name + ("" if st["layers"] is None else "-T" + "".join(map(str, st["layers"])))
-
     missing = [f"{ident_of(st)[1]}/s{s}" for k, st in students.items() for s in args.seeds
                if k.split("/")[0] in args.budgets and f"{ident_of(st)[1]}/s{s}" not in units]
     if missing:

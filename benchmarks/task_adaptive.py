@@ -40,12 +40,11 @@ import time
 from pathlib import Path
 
 import spam_assassin  # benchmarks/ is the script's folder
-from real_task import latency_pass, resumable
+from real_task import distill_seed, latency_pass, resumable
 
 from tacnas.errors import UserError
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.nas.config import load_config
-from tacnas.nas.distill import distill
 from tacnas.nas.optuna_search import run_search
 from tacnas.nas.pipeline import prepare
 from tacnas.nas.record import TrialRecord
@@ -142,16 +141,7 @@ def main() -> int:
             save()
         if key not in units:
             out = work / "distilled" / key.replace("/", "_").replace(">", "")
-            run = runs[eval_t]
-            seeded = dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, seed=seed))
-            t0 = time.perf_counter()
-            rep = distill(seeded, a, out, label=key)
-            units[key] = {"arch": a.name, "test": rep["student"]["test"]["accuracy"],
-                          "dev": rep["student"]["dev"]["accuracy"],
-                          "teacher_test": rep["teacher"]["test"]["accuracy"],
-                          "teacher_dev": rep["teacher"]["dev"]["accuracy"],
-                          "steps": rep["distill"]["steps_run"],
-                          "seconds": time.perf_counter() - t0}
+            units[key] = {"arch": a.name, **distill_seed(runs[eval_t], a, out, seed, label=key)}
             save()
         return units[key]
 

@@ -268,11 +268,9 @@ def floor_score(min_retention: float | None, teacher_dev: dict, key: str) -> flo
     return min_retention * ref
 
 
-def floor_violation(floor: float | None, score: float | None) -> float:
+def floor_violation(floor: float, score: float | None) -> float:
     """How far under the floor a score is, as a fraction of the floor (<= 0: meets it); an
     untrained candidate (no score) does not meet it."""
-    if floor is None:
-        return -1.0
     if score is None:
         return 1.0
     return (floor - score) / floor

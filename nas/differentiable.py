@@ -166,28 +166,12 @@ def derive(run: Run, net: Supernet, alpha: ArchParams, budget: Budget) -> tuple[
     """The most likely architecture within every budget (see the module docstring). Each
     candidate passes the search's own check (the prediction, or a cached measurement within the
     guard band), so the derived architecture passes the check it is recorded with."""
-    probs = {n: p.detach().log_softmax(-1) for n, p in alpha.logits.items()}
-
-    def fits(arch: ArchConfig) -> bool:
-        return budget.check(arch).fits
-
-    top = _valid(net, {n: int(p.argmax()) for n, p in probs.items()})
-    if top is not None and fits(top):
+    top = _valid(net, {n: int(p.argmax()) for n, p in alpha.logits.items()})
+    if top is not None and budget.check(top).fits:
         return top, "most likely"
-    best, best_lp = None, -math.inf
-    index_of = {n: {c: i for i, c in enumerate(ch)} for n, ch in net.dims()}
-    for arch in run.space.all_archs():
-        chosen = _params_of(net, arch)
-        lp = sum(float(probs[n][index_of[n][chosen[n]]]) for n in probs)
-        if lp > best_lp and fits(arch):
-            best, best_lp = arch, lp
-    if best is None:
-        within = (f"{budget.budget_ms:.2f} ms" if budget.budget_ms is not None
-                  else "budget.max_params")
-        raise UserError(f"budget: no architecture of the space fits the budget ({within}); "
-                        "relax the budget or add smaller choices to space")
-    return best, ("the most likely within the budget (the most likely overall, "
-                  f"{top.name if top else 'invalid'}, is not)")
+    return likely(run, net, alpha, budget, 1)[0], (
+        "the most likely within the budget (the most likely overall, "
+        f"{top.name if top else 'invalid'}, is not)")
 
 
 def _params_of(net: Supernet, arch: ArchConfig) -> dict:
@@ -372,14 +356,13 @@ def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out
         json.dumps(s.state["history"], indent=1))
     if budget.floor is None:
         chosen = done[0]
-    else:
-        keep = [d for d in done if d["score"] >= budget.floor and d["fits"]]
-        if not keep:
+    else:  # the study's own pick: the fastest feasible trial that keeps the floor
+        best = best_trial(study)
+        if best is None:
             raise UserError(floor_unmet(study))
-        chosen = min(keep, key=lambda d: d["latency_ms"])
-        log.info("accuracy floor %.4f: %d of %d likely candidates keep it; the fastest is %s "
-                 "(%.2f ms)", budget.floor, len(keep), len(done), chosen["arch"],
-                 chosen["latency_ms"])
+        chosen = next(d for d in done if d["trial"] == best.number)
+        log.info("accuracy floor %.4f: the fastest of %d likely candidates keeping it is %s "
+                 "(%.2f ms)", budget.floor, len(done), chosen["arch"], chosen["latency_ms"])
     if not chosen["fits"]:
         log.warning("%s measured %.2f ms, over the budget of %.2f ms (the model predicted it "
                     "within): pick another with `status`/`export --trial`", chosen["arch"],
@@ -390,16 +373,18 @@ def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out
 
 
 def likely(run: Run, net: Supernet, alpha: ArchParams, budget: Budget, k: int) -> list[ArchConfig]:
-    """The ``k`` most likely architectures (joint probability) within every latency/params
-    budget, most likely first."""
+    """The ``k`` most likely architectures of the space (joint probability) within every
+    latency/params budget, most likely first; checked in that order, so no more than needed."""
     probs = {n: p.detach().log_softmax(-1) for n, p in alpha.logits.items()}
     index_of = {n: {c: i for i, c in enumerate(ch)} for n, ch in net.dims()}
     ranked = sorted(run.space.all_archs(), key=lambda a: -sum(
         float(probs[n][index_of[n][c]]) for n, c in _params_of(net, a).items()))
-    out = [a for a in ranked if budget.check(a).fits][:k]
+    out = list(itertools.islice((a for a in ranked if budget.check(a).fits), k))
     if not out:
-        raise UserError("budget: no architecture of the space fits the budget; relax the "
-                        "budget or add smaller choices to space")
+        within = (f"{budget.budget_ms:.2f} ms" if budget.budget_ms is not None
+                  else "budget.max_params")
+        raise UserError(f"budget: no architecture of the space fits the budget ({within}); "
+                        "relax the budget or add smaller choices to space")
     return out
 
 

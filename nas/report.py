@@ -8,6 +8,7 @@ from optuna.trial import FrozenTrial
 from tacnas.evaluators.metrics import FIX_DEV, fmt_score, overlapping, se_key
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.nas.study import (
+    best_trial,
     best_trials,
     feasible_trained,
     floor_unmet,
@@ -54,9 +55,8 @@ def score_warnings(study: optuna.Study) -> list[str]:
     lines = list(attrs.get("warnings", []))
     floor = attrs.get("floor_score")
     if min_retention(study) is not None and floor is not None:
-        best = best_trials(study)
-        if best:
-            t = min(best, key=lambda t: TrialRecord.read(t).latency_ms)
+        t = best_trial(study)
+        if t is not None:
             r = TrialRecord.read(t)
             if r.score_se and r.score - floor < 2 * r.score_se:
                 lines.append(

@@ -177,8 +177,7 @@ def _synthetic_split(n: int, seed: int) -> Split:
 
 
 def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna",
-             se: float | None = None, min_retention: float | None = None,
-             multi_objective: bool = False):
+             se: float | None = None, min_retention: float | None = None):
     """A search on a synthetic evaluator: latency is the architecture's FLOPs (measured and
     predicted alike), the proxy's score is ``true_score``, so the feasible optimum is known
     (``speedup=None``: no latency budget; ``min_retention``: an accuracy floor, teacher 0.9).
@@ -190,7 +189,7 @@ def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna
                    intermediate_size=[64, 128, 256]),
         budget=dict(speedup=speedup, min_retention=min_retention),
         search=dict(sampler=sampler, n_trials=n_trials, n_startup_trials=4, max_rejections=60,
-                    strategy=strategy, multi_objective=multi_objective),
+                    strategy=strategy),
         differentiable=dict(steps=12, warmup_steps=4, batch_size=8, log_every=4,
                             checkpoint_every=4),
         run_dir=str(tmp_path),
