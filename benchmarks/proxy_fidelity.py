@@ -73,6 +73,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="which architectures are drawn")
     ap.add_argument("--work", default="runs/bench_proxy_fidelity")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--here", nargs="*", default=None, metavar="PROXY",
+                    help="compute only these proxies here and no final distillation (the rest "
+                         "comes from benchmarks/on_device.py on a GPU); default: everything")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work, results, save = resumable(args.work)
@@ -96,6 +99,8 @@ def main() -> int:
     proxies = {"supernet-20": run.proxy, "distill-200": dist.proxy, "distill-800": long}
     run.proxy.prepare(progress=True)
     for name, proxy in proxies.items():
+        if args.here is not None and name not in args.here:
+            continue
         for a in archs:
             key = f"{name}/{a.name}"
             if key in scores:
@@ -106,13 +111,19 @@ def main() -> int:
             save()
     finals = results.setdefault("final", {})
     for a in archs:
-        if a.name not in finals:
+        if a.name not in finals and args.here is None:
             t0 = time.perf_counter()
             rep = distill(run, a, work / "distilled" / a.name, label=a.name)
             finals[a.name] = {"test": rep["student"]["test"]["accuracy"],
                               "seconds": time.perf_counter() - t0}
             save()
 
+    missing = [a.name for a in archs if a.name not in finals] + [
+        k for k in (f"{n}/{a.name}" for n in proxies for a in archs) if k not in scores]
+    if missing:
+        print(f"{len(missing)} scores still to do ({', '.join(missing[:4])}, ...); rerun without "
+              "--here, or finish them with benchmarks/on_device.py")
+        return 0
     final = [finals[a.name]["test"] for a in archs]
     ranks = {name: [scores[f"{name}/{a.name}"]["score"] for a in archs] for name in proxies}
     # non-embedding parameters: the encoder layers actually stored (shared ones once)
@@ -130,15 +141,19 @@ def main() -> int:
                         "latency_band_ms": [lo, hi], "default": name == DEFAULT})
         cost = sum(scores[f"{name}/{a.name}"]["seconds"] for a in archs) \
             if name in proxies else None
+        where = {scores[f"{name}/{a.name}"].get("device", "cpu") for a in archs} \
+            if name in proxies else {"-"}
         rows.append([name, f"{tau:.3f}", str(len(archs)),
-                     "-" if cost is None else f"{cost / len(archs):.1f}",
+                     "-" if cost is None else f"{cost / len(archs):.1f}", ", ".join(where),
                      "yes" if name == DEFAULT else ""])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "proxy_fidelity.json").write_text(json.dumps(records, indent=1) + "\n")
     print(f"\n{cpu_name()}; {len(archs)} architectures predicted within {lo:.2f}-{hi:.2f} ms "
           f"(4x budget {target:.2f} ms; {results['band']['candidates_in_band']} in the band)")
-    print(text_table(["proxy", "Kendall tau vs final test", "n", "s per candidate", "default"],
-                     rows))
+    print(text_table(["proxy", "Kendall tau vs final test", "n", "s per candidate", "trained on",
+                      "default"], rows))
+    devices = {f.get("device", "cpu") for f in finals.values()}
+    print("final recipe (search_vs_hand's, seed 0) trained on: " + ", ".join(devices))
     for a, f in zip(archs, final):
         print(f"  {a.name:<26} final test {f:.4f}  " + "  ".join(
             f"{n} {scores[f'{n}/{a.name}']['score']:.4f}" for n in proxies))

@@ -237,8 +237,14 @@ def main() -> int:
             print(f"{b}: best searched {s[0]} {s[3]:.4f} vs best hand-designed {h[0]} "
                   f"{h[3]:.4f}: {100 * d:+.2f} points (pooled seed std {100 * pooled:.2f}; "
                   f"target +1.0 and > {200 * pooled:.2f})")
-    print("wall time (s): " + "; ".join(f"{k} {v:.0f}" for k, v in secs.items())
-          + f"; distillations {sum(u['seconds'] for u in units.values()):.0f} ({len(units)})")
+    by_device = {}
+    for u in units.values():
+        n, t = by_device.get(u.get("device", "cpu"), (0, 0.0))
+        by_device[u.get("device", "cpu")] = (n + 1, t + u["seconds"])
+    print("wall time (s): " + "; ".join(f"{k} {v:.0f}" for k, v in secs.items()) + "; "
+          + "; ".join(f"distillations on {d} {t:.0f} ({n}; benchmarks/on_device.py where not "
+                      "the cpu: accuracy only)" if d != "cpu" else f"distillations {t:.0f} ({n})"
+                      for d, (n, t) in by_device.items()))
     return 0
 
 

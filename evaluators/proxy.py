@@ -69,6 +69,7 @@ class DistillationProxy:
         backend: str = "torch",
         objective: str = "metric",
         pool_logits: torch.Tensor | None = None,
+        device: str = "cpu",
     ):
         self.teacher, self.data = teacher, data
         self.train_logits, self.dev_logits = train_logits, dev_logits
@@ -77,6 +78,7 @@ class DistillationProxy:
         self.eval_every, self.init, self.seed = eval_every, init, seed
         self.backend = backend
         self.objective, self.pool_logits = objective, pool_logits
+        self.device = torch.device(device)  # where candidates train (the search uses the CPU)
 
     @property
     def score_key(self) -> str:
@@ -130,6 +132,7 @@ class DistillationProxy:
         metrics = self.score(model)
         if self.backend != "onnxruntime-int8":
             return metrics, None
+        model = model.cpu()
         from tacnas.evaluators.runtime import runtime_logits
 
         logits = runtime_logits(model, self.data.dev, self.backend)
@@ -146,7 +149,7 @@ class DistillationProxy:
         progress: bool = True,
     ) -> tuple[EvalResult, PreTrainedModel]:
         """Train ``arch`` for ``steps`` KD steps; ``report(step, score)`` returning True stops it."""
-        model = self.initial_model(arch, progress=progress)
+        model = self.initial_model(arch, progress=progress).to(self.device)
         metric = self.score_key
         opt, sched = make_optimizer(model, lr=self.lr, steps=self.steps,
                                     warmup_ratio=self.warmup_ratio)
@@ -159,8 +162,10 @@ class DistillationProxy:
                    unit="step", leave=False)
         for step in bar:
             idx = next(batches)
-            out = model(**self.data.train.batch(idx)).logits
-            loss = kd_loss(out, self.train_logits[idx], self.data.train.labels[idx],
+            batch = {k: v.to(self.device) for k, v in self.data.train.batch(idx).items()}
+            out = model(**batch).logits
+            loss = kd_loss(out, self.train_logits[idx].to(self.device),
+                           self.data.train.labels[idx].to(self.device),
                            temperature=self.temperature, alpha_ce=self.alpha_ce)
             optimizer_step(loss, opt, params=model.parameters(), scheduler=sched,
                            lr_key="proxy.lr")

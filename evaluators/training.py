@@ -95,11 +95,13 @@ def predict_logits(model, split: Split, *, batch_size: int = 256, progress=None)
     """Logits for every row of ``split``; rows are run sorted by length (little padding)."""
     was_training = model.training
     model.eval()
+    dev = next(model.parameters()).device  # batches go where the model is; logits come back
     order = torch.argsort(split.lengths, descending=True)
     out = torch.empty(len(split), model.config.num_labels)
     for i in range(0, len(split), batch_size):
         idx = order[i:i + batch_size]
-        out[idx] = model(**split.batch(idx)).logits.float()
+        batch = {k: v.to(dev) for k, v in split.batch(idx).items()}
+        out[idx] = model(**batch).logits.float().cpu()
         if progress is not None:
             progress.update(len(idx))
     model.train(was_training)

@@ -162,6 +162,9 @@ class DistillConfig:
     patience: int = Field(5, ge=0)  # evaluations without improvement before stopping (0: never)
     checkpoint_every: int = Field(200, ge=1)
     feature_cache_gb: float = Field(4.0, ge=0)  # teacher hidden states/attention kept in memory
+    # where the student trains: "cpu", or "cuda" / "cuda:N" on a machine with a GPU (only the
+    # final distillation; the search, the latency model and the export stay on the CPU)
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -11,7 +11,9 @@ every other layer).
 
 Learning-rate warm-up and linear decay; dev score every ``eval_every`` steps with early stopping
 after ``patience`` evaluations without improvement (the best model is what is written);
-checkpoints every ``checkpoint_every`` steps (weights in safetensors, optimizer state loaded with
+``distill.device`` trains the student on a GPU where there is one (the teacher's logits come from
+the cache; the teacher itself moves there only for intermediate losses). Checkpoints every
+``checkpoint_every`` steps (weights in safetensors, optimizer state loaded with
 ``weights_only=True``), and a killed run resumes from the last one at the same step and the same
 batch order. Teacher logits come from the cache the search built; the teacher's hidden states
 and attention maps (only with intermediate losses) are computed in the first epoch and kept in
@@ -25,6 +27,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -39,9 +42,11 @@ from tacnas.evaluators.training import (
     predict_logits,
     shuffled_batches,
 )
-from tacnas.nas.pipeline import Run
 from tacnas.searchspace.arch import ArchConfig
 from tacnas.searchspace.build import build_student, student_layers
+
+if TYPE_CHECKING:  # the training loop runs without the pipeline (benchmarks/on_device.py)
+    from tacnas.nas.pipeline import Run
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +134,8 @@ class TeacherFeatures:
         hidden, attn = targets
         for b, i in enumerate(idx.tolist()):
             n = int(mask[b].sum())
-            h = [t[b, :n].half() for t in hidden] if hidden is not None else None
-            a = [t[b, :n, :n].half() for t in attn] if attn is not None else None
+            h = [t[b, :n].half().cpu() for t in hidden] if hidden is not None else None
+            a = [t[b, :n, :n].half().cpu() for t in attn] if attn is not None else None
             size = sum(x.numel() * 2 for x in (h or []) + (a or []))
             if self.bytes + size > self.max_bytes:
                 self.full = True
@@ -149,19 +154,42 @@ def _distill_settings(run: Run) -> dict:
     return {"total": total, "per_epoch": per_epoch}
 
 
+def device_of(name: str) -> torch.device:
+    """``distill.device`` as a torch device; a GPU this machine lacks is the user's mistake."""
+    dev = torch.device(name)
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"distill.device: {name} is not available here (torch sees "
+                        f"{torch.cuda.device_count()} CUDA devices); set distill.device: cpu")
+    return dev
+
+
 def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (distilled)",
             search: dict | None = None, budget_ms: float | None = None,
             layers: list[int] | None = None, runtimes: tuple[str, ...] | None = None) -> dict:
     """Train ``arch`` fully and write ``out`` as export does. Resumes from ``out/checkpoint``.
     ``layers``: the teacher layer each student layer starts from and is matched against
     (default: spread over the teacher's depth, as in the search)."""
+    from transformers import AutoModelForSequenceClassification
+
     from tacnas.nas.export import check_out, write_folder
 
     check_out(out)
-
-    d, data, teacher = run.cfg.distill, run.data, run.teacher.model
     if not run.space.contains(arch):
         log.warning("%s is not in the config's space; distilling it anyway", arch.name)
+    extra = train_student(run, arch, out, layers=layers)
+    best = AutoModelForSequenceClassification.from_pretrained(out / "best").eval()
+    return write_folder(run, best, arch, out, label=label, budget_ms=budget_ms, search=search,
+                        title=f"distilled {arch.name}", extra={"distill": extra},
+                        lr_key="distill.lr", runtimes=runtimes)
+
+
+def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None = None) -> dict:
+    """The training loop of ``distill``: the best student (on dev) is saved to ``out/best``;
+    returns the recipe and its curve. ``run`` needs only ``cfg.distill``, ``cfg.seed``,
+    ``cfg.proxy.init``, ``data``, ``teacher.model``, ``proxy.train_logits`` and ``progress``."""
+    d, data, teacher = run.cfg.distill, run.data, run.teacher.model
+    dev = device_of(d.device)
     if d.hidden_weight or d.attention_weight:
         if teacher.config.model_type != "bert" or run.cfg.proxy.init != "teacher":
             raise UserError("distill.hidden_weight/attention_weight: intermediate transfer needs a "
@@ -176,7 +204,7 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     t_hidden = teacher.config.hidden_size
     projection = (torch.nn.Linear(arch.hidden_size, t_hidden) if arch.hidden_size != t_hidden
                   else torch.nn.Identity())
-    params = torch.nn.ModuleList([model, projection])
+    params = torch.nn.ModuleList([model, projection]).to(dev)
     plan = _distill_settings(run)
     total = plan["total"]
     opt, sched = make_optimizer(params, lr=d.lr, steps=total, warmup_ratio=d.warmup_ratio)
@@ -194,55 +222,65 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
     start = time.perf_counter() - state["seconds"]
     params.train()
     teacher.eval()
+    intermediate = bool(d.hidden_weight or d.attention_weight)
+    teacher_device = next(teacher.parameters()).device
+    if intermediate:
+        teacher.to(dev)
     stopped = False
     features = TeacherFeatures(d.feature_cache_gb * 1e9)
-    while state["step"] < total and not stopped:
-        idx = next(batches)
-        loss = _loss(run, model, projection, features, idx, mapping)
-        optimizer_step(loss, opt, params=params.parameters(), scheduler=sched,
-                       lr_key="distill.lr")
-        state["step"] += 1
-        bar.update(1)
-        step = state["step"]
-        if step % d.eval_every == 0 or step == total:
-            stopped = _evaluate(run, model, state, best_dir)
-            bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{state['curve'][-1][1]:.4f}",
-                            best=f"{state['best']:.4f}")
-        if step % d.checkpoint_every == 0 or step == total or stopped:
-            state["seconds"] = time.perf_counter() - start
-            save_checkpoint(ckpt, modules={"weights": params},
-                            objects={"optimizer": opt, "scheduler": sched}, state=state)
+    try:
+        while state["step"] < total and not stopped:
+            idx = next(batches)
+            loss = _loss(run, model, projection, features, idx, mapping, dev)
+            optimizer_step(loss, opt, params=params.parameters(), scheduler=sched,
+                           lr_key="distill.lr")
+            state["step"] += 1
+            bar.update(1)
+            step = state["step"]
+            if step % d.eval_every == 0 or step == total:
+                stopped = _evaluate(run, model, state, best_dir)
+                bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{state['curve'][-1][1]:.4f}",
+                                best=f"{state['best']:.4f}")
+            if step % d.checkpoint_every == 0 or step == total or stopped:
+                state["seconds"] = time.perf_counter() - start
+                save_checkpoint(ckpt, modules={"weights": params},
+                                objects={"optimizer": opt, "scheduler": sched}, state=state)
+    finally:
+        if intermediate:
+            teacher.to(teacher_device)
     bar.close()
     if stopped:
         log.info("early stop at step %d: no dev improvement in %d evaluations (best %.4f at %d)",
                  state["step"], d.patience, state["best"], state["best_step"])
+    return {**_plain(d), "steps_run": state["step"], "planned_steps": total,
+            "teacher_layers": mapping, "best_step": state["best_step"], "early_stopped": stopped,
+            "curve": state["curve"], "train_seconds": state["seconds"]}
 
-    from transformers import AutoModelForSequenceClassification
 
-    best = AutoModelForSequenceClassification.from_pretrained(best_dir).eval()
-    extra = {"distill": {**run.cfg.to_dict()["distill"], "steps_run": state["step"],
-                         "planned_steps": total, "teacher_layers": mapping, "best_step": state["best_step"],
-                         "early_stopped": stopped, "curve": state["curve"],
-                         "train_seconds": state["seconds"]}}
-    return write_folder(run, best, arch, out, label=label, budget_ms=budget_ms, search=search,
-                        title=f"distilled {arch.name}", extra=extra, lr_key="distill.lr",
-                        runtimes=runtimes)
+def _plain(d) -> dict:
+    """The distill settings as a dict (a pydantic dataclass or a plain namespace)."""
+    import dataclasses
+
+    return dataclasses.asdict(d) if dataclasses.is_dataclass(d) else dict(vars(d))
 
 
 def _loss(run: Run, model, projection, features: TeacherFeatures, idx: torch.Tensor,
-          mapping: list[int]) -> torch.Tensor:
+          mapping: list[int], dev: torch.device) -> torch.Tensor:
     """The batch's KD loss, plus TinyBERT's hidden-state and attention transfer if asked."""
     d, data, teacher = run.cfg.distill, run.data, run.teacher.model
     use_hidden, use_attn = d.hidden_weight > 0, d.attention_weight > 0
-    batch = data.train.batch(idx)
+    batch = {k: v.to(dev) for k, v in data.train.batch(idx).items()}
     s_out = model(**batch, output_hidden_states=use_hidden, output_attentions=use_attn)
-    loss = kd_loss(s_out.logits, run.proxy.train_logits[idx], data.train.labels[idx],
-                   temperature=d.temperature, alpha_ce=d.alpha_ce)
+    loss = kd_loss(s_out.logits, run.proxy.train_logits[idx].to(dev),
+                   data.train.labels[idx].to(dev), temperature=d.temperature,
+                   alpha_ce=d.alpha_ce)
     if not (use_hidden or use_attn):
         return loss
     mask = batch["attention_mask"]
     targets = features.get(idx, mask.shape[1])
-    if targets is None:
+    if targets is not None:
+        targets = tuple(None if ts is None else [t.to(dev) for t in ts] for ts in targets)
+    else:
         with torch.no_grad():
             targets = features.rounded(teacher_targets(
                 teacher(**batch, output_hidden_states=use_hidden, output_attentions=use_attn),

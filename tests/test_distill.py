@@ -113,3 +113,18 @@ def test_a_killed_distillation_resumes_at_the_checkpoint_step(tiny_run, project,
     # attention key biases get a zero gradient in exact arithmetic (softmax is shift-invariant):
     # Adam turns float noise into their updates, and they cannot change any output
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if "key.bias" not in k)
+
+
+def test_a_gpu_the_machine_lacks_is_refused_naming_distill_device(tiny_run, project):
+    import torch
+
+    from tacnas.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: distill.device: cuda is valid here")
+    run = tiny_run("distill.max_steps=5", "distill.device=cuda")
+    with pytest.raises(UserError, match=r"^distill\.device: cuda is not available"):
+        distill(run, SMALL, project / "out", runtimes=("torch",))
+    assert not (project / "out" / "best").exists()
+    with pytest.raises(Exception, match="device"):
+        tiny_run("distill.device=tpu")  # not a device torch trains on here
