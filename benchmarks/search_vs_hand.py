@@ -7,6 +7,8 @@ The tweets task (configs/demo.yaml) with its teacher fine-tuned on every trainin
 seq_len 64, 2 threads, this machine. Per budget:
 
 - ``tpe``: Optuna TPE with the config's default proxy and 20 trained candidates,
+- ``tpe-rescored``: the same, then its 4 best re-scored by the 800-step distillation proxy
+  (``search.rescore_top_k``), the best by that score kept,
 - ``differentiable``: the Gumbel-softmax search over the supernet (``--diff-steps``),
 - hand-designed students, each family's fastest member that fits the budget under the latency
   table (or, where none fits, its fastest member, marked as not fitting): the teacher's first k
@@ -61,6 +63,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FULL_DATA = ["task.max_train_samples=null", "distill.epochs=2", "distill.eval_every=200"]
 SEARCHES = {
     "tpe": [],  # the config's default sampler and proxy
+    # the same TPE trials, then multi-fidelity: its 4 best re-scored by 800 distillation steps
+    "tpe-rescored": ["search.rescore_top_k=4", "search.rescore_steps=800"],
     "differentiable": ["search.strategy=differentiable"],
 }
 log = logging.getLogger("search_vs_hand")

@@ -99,6 +99,16 @@ class DistillationProxy:
     def prepare(self, *, progress: bool = True) -> None:
         """Whatever is done once before the candidates (nothing here)."""
 
+    def longer(self, steps: int) -> DistillationProxy:
+        """The distillation proxy with this one's data, recipe and scoring, at ``steps`` KD
+        steps from the teacher's weights (a supernet proxy's re-scoring is a plain one)."""
+        return DistillationProxy(
+            teacher=self.teacher, data=self.data, train_logits=self.train_logits,
+            dev_logits=self.dev_logits, steps=steps, batch_size=self.batch_size, lr=self.lr,
+            warmup_ratio=self.warmup_ratio, temperature=self.temperature, alpha_ce=self.alpha_ce,
+            eval_every=0, init=self.init, seed=self.seed, backend=self.backend,
+            objective=self.objective, pool_logits=self.pool_logits, device=str(self.device))
+
     def initial_model(self, arch: ArchConfig, *, progress: bool = False) -> PreTrainedModel:
         """The candidate before its KD steps: teacher-initialised (or random)."""
         return build_student(arch, self.teacher, init=self.init, seed=self.seed)

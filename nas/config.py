@@ -100,6 +100,11 @@ class SearchConfig:
     grace_period: int = Field(30, ge=2)  # this long is marked FAIL and re-run
     # (score, latency) as two objectives: a Pareto front (nsga2 always; tpe if set)
     multi_objective: bool = False
+    # multi-fidelity: once the trials are in, the `rescore_top_k` best by the proxy are trained
+    # again by the distillation proxy for `rescore_steps` KD steps (teacher-initialised), and
+    # the best by that longer score is exported (0: the proxy's best, as scored)
+    rescore_top_k: int = Field(0, ge=0)
+    rescore_steps: int = Field(800, ge=1)
 
     @model_validator(mode="after")
     def _differentiable_is_one_objective(self):
@@ -114,6 +119,15 @@ class SearchConfig:
         if self.strategy.startswith("nni-") and (self.multi_objective or self.sampler == "nsga2"):
             raise ValueError(f"search.strategy: {self.strategy} optimises one score; set "
                              "search.multi_objective: false and search.sampler: tpe")
+        return self
+
+    @model_validator(mode="after")
+    def _rescore_needs_one_score(self):
+        if self.rescore_top_k and (self.multi_objective or self.sampler == "nsga2"
+                                   or self.strategy == "differentiable"):
+            raise ValueError("search.rescore_top_k: re-scoring picks one best score among Optuna "
+                             "trials; set it to 0, or use search.strategy: optuna with sampler "
+                             "tpe or random and no multi_objective")
         return self
 
     @model_validator(mode="after")
@@ -227,6 +241,10 @@ class RunConfig:
             raise ValueError(f"search.strategy: {self.search.strategy} maximises a score and "
                              "cannot hold budget.min_retention; use search.strategy: optuna or "
                              "differentiable")
+        if self.budget.min_retention is not None and self.search.rescore_top_k:
+            raise ValueError("search.rescore_top_k: with budget.min_retention the search picks "
+                             "the fastest student that keeps the floor, not the best score; set "
+                             "search.rescore_top_k: 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

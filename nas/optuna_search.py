@@ -29,9 +29,11 @@ from tacnas.nas.record import WORKER, TrialRecord, TrialStatus
 from tacnas.nas.study import (
     best_trials,
     checkpoint_dir,
+    feasible_trained,
     finished_same_arch,
     floor_unmet,
     min_retention,
+    rescored,
     trained_count,
 )
 from tacnas.searchspace.arch import InvalidArch
@@ -239,7 +241,38 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
         )
     if (unmet := floor_unmet(study)) is not None:
         raise UserError(unmet)
+    if run.cfg.search.rescore_top_k:
+        summary["rescored"] = rescore(run, study, run.cfg.search.rescore_top_k,
+                                      run.cfg.search.rescore_steps)
     return summary
+
+
+def rescore(run: Run, study: optuna.Study, k: int, steps: int) -> dict[int, float | None]:
+    """Multi-fidelity (``search.rescore_top_k``): the ``k`` best feasible trials by the proxy
+    are trained again by the distillation proxy for ``steps`` KD steps, and ``best_trial``
+    then picks by that score. Each score is stored in the study as it is done (study user
+    attribute ``rescored``), so a resumed or repeated search re-scores only what is new."""
+    scores = {str(n): v for n, v in rescored(study).items()}
+    top = sorted(feasible_trained(study), key=lambda t: (-t.value, t.number))[:k]
+    by_arch = {TrialRecord.read(t).arch_name: scores[str(t.number)] for t in
+               study.get_trials(deepcopy=False) if str(t.number) in scores}
+    todo = [t for t in top if str(t.number) not in scores]
+    proxy = run.proxy.longer(steps) if todo else None
+    for t in tqdm(todo, desc=f"re-score the top {k} at {steps} steps", unit="candidate",
+                  disable=not run.progress):
+        rec = TrialRecord.read(t)
+        if rec.arch_name in by_arch:  # the same architecture, trained by another trial
+            score = by_arch[rec.arch_name]
+        else:
+            try:
+                result, _ = proxy.evaluate(rec.arch, progress=False)
+                score = result.score if math.isfinite(result.score) else None
+            except Diverged:
+                score = None
+        scores[str(t.number)] = by_arch[rec.arch_name] = score
+        study.set_user_attr("rescored", scores)
+        study.set_user_attr("rescore_steps", steps)
+    return rescored(study)
 
 
 def _best_text(study: optuna.Study) -> str:

@@ -14,6 +14,7 @@ from tacnas.nas.study import (
     floor_unmet,
     min_retention,
     pareto_front,
+    rescored,
     trained_count,
 )
 
@@ -111,6 +112,11 @@ def status_text(study: optuna.Study) -> str:
         title = "best" if len(study.directions) == 1 else "Pareto front (feasible, trained)"
         if frac is not None and len(study.directions) == 1:
             title = "fastest keeping the floor"
+        if longer := rescored(study):
+            title += (f" after re-scoring the top {len(longer)} at "
+                      f"{study.user_attrs.get('rescore_steps')} KD steps (" + ", ".join(
+                          f"#{n} {'diverged' if v is None else f'{v:.4f}'}"
+                          for n, v in sorted(longer.items())) + ")")
         lines.append(f"{title}: " + ", ".join(_brief(t) for t in best))
     else:
         lines.append(floor_unmet(study) or "no trained candidate within the budget yet")

@@ -266,8 +266,17 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
         if min_retention(study) is not None:
             return [min(done, key=lambda t: (TrialRecord.read(t).latency_ms,
                                              -TrialRecord.read(t).score, t.number))]
+        longer = rescored(study)  # search.rescore_top_k: the longer score decides among them
+        if rescued := [t for t in done if longer.get(t.number) is not None]:
+            return [max(rescued, key=lambda t: (longer[t.number], t.value, -t.number))]
         return [max(done, key=lambda t: (t.value, -t.number))]
     return pareto_front(done)
+
+
+def rescored(study: optuna.Study) -> dict[int, float | None]:
+    """``search.rescore_top_k``: trial number -> its score at ``rescore_steps`` KD steps (None:
+    that training diverged); empty if the study was not re-scored."""
+    return {int(k): v for k, v in (study.user_attrs.get("rescored") or {}).items()}
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:

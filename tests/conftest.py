@@ -131,9 +131,16 @@ def true_score(arch: ArchConfig) -> float:
 class FakeProxy:
     score_key = "accuracy"
 
-    def __init__(self, se: float | None = None):
+    def __init__(self, se: float | None = None, bias=None):
         self.trained = []
         self.se = se  # the standard error every synthetic score carries (None: none)
+        self.bias = bias  # arch -> what this proxy adds to the true score (a misleading proxy)
+        self.rescorer = None
+
+    def longer(self, steps: int) -> FakeProxy:
+        """The longer proxy of ``search.rescore_top_k``: the true score, without the bias."""
+        self.rescorer = self.rescorer or FakeProxy(self.se)
+        return self.rescorer
 
     def score_name(self) -> str:
         return "dev accuracy (synthetic)"
@@ -143,7 +150,7 @@ class FakeProxy:
 
     def evaluate(self, arch, *, report=None, progress=False):
         self.trained.append(arch)
-        s = true_score(arch)
+        s = true_score(arch) + (self.bias(arch) if self.bias else 0.0)
         if report is not None:
             report(1, s)
         metrics = {"accuracy": s, **({} if self.se is None else {"accuracy_se": self.se, "n": 100})}

@@ -156,3 +156,49 @@ def test_a_stored_outlier_is_replaced_on_resume_and_said(tmp_path, caplog):
     assert summary["budget_ms"] == pytest.approx(true_ms / 2.0)
     assert study.user_attrs["teacher_ms"] == pytest.approx(true_ms)
     assert "implausible against a fresh measurement" in caplog.text
+
+
+def test_rescoring_the_top_k_picks_by_the_longer_score_and_resumes(tmp_path):
+    import dataclasses
+
+    from tacnas.nas.study import best_trial, feasible_trained, rescored
+    from tests.conftest import FakeProxy
+
+    def with_rescore(run, k):
+        run.cfg = dataclasses.replace(run.cfg, search=dataclasses.replace(
+            run.cfg.search, rescore_top_k=k, rescore_steps=50))
+        # a misleading short proxy: shallow candidates look 0.15 better than they are
+        run.proxy = FakeProxy(bias=lambda a: 0.15 * (a.num_layers == 1))
+        return run
+
+    run = with_rescore(fake_run(tmp_path, "tpe", n_trials=12), 4)
+    study = _study(run)
+    summary = run_search(run, study, n_trials=12, timeout=None)
+    top = sorted(feasible_trained(study), key=lambda t: (-t.value, t.number))[:4]
+    longer = rescored(study)
+    assert set(longer) == {t.number for t in top} == set(summary["rescored"])
+    assert all(v == pytest.approx(true_score(run.space.sample(
+        optuna.trial.FixedTrial(study.trials[n].params)))) for n, v in longer.items())
+    pick = best_trial(study)
+    truth = {t.number: true_score(run.space.sample(optuna.trial.FixedTrial(t.params)))
+             for t in top}
+    assert pick.number in longer and truth[pick.number] == max(truth.values())
+    assert len(run.proxy.rescorer.trained) == len({t.user_attrs["arch_name"] for t in top})
+    # a repeated search re-scores nothing already scored
+    again = with_rescore(fake_run(tmp_path, "tpe", n_trials=12), 4)
+    run_search(again, _study(again), n_trials=12, timeout=None)
+    assert again.proxy.rescorer is None and best_trial(_study(again)).number == pick.number
+
+
+def test_rescoring_is_refused_where_it_cannot_pick_one_score():
+    from tacnas.nas.config import config_from_dict
+
+    base = dict(task=dict(dataset="x.csv"), teacher=dict(model="t"),
+                space=dict(num_layers=[1, 2], hidden_size=[32, 64], intermediate_size=[64]))
+    ok = config_from_dict({**base, "search": {"rescore_top_k": 3}, "budget": {"speedup": 2.0}})
+    assert ok.search.rescore_top_k == 3
+    for search, budget in [({"sampler": "nsga2"}, {}), ({"multi_objective": True}, {}),
+                           ({"strategy": "differentiable"}, {}), ({}, {"min_retention": 0.99})]:
+        with pytest.raises(UserError, match="search.rescore_top_k"):
+            config_from_dict({**base, "search": {"rescore_top_k": 3, **search},
+                              "budget": {"speedup": 2.0, **budget}})
