@@ -11,7 +11,8 @@ finished once by search_vs_hand's final recipe (seed 0), and scored by every pro
 - ``supernet-20``: the supernet proxy (800-step supernet, cached; 20 KD steps), the demo default,
 - ``params``: non-embedding parameters (zero-cost; no training),
 - ``multi-fidelity``: distill-200 for all, distill-800 for its top ``--top-k`` (4), which are
-  ranked above the rest by their longer score.
+  ranked above the rest by their longer score,
+- ``supernet-20+distill-800``: the same rule on the supernet proxy (``search.rescore_top_k``).
 
 Kendall tau of each against the final test accuracy. Resumable: each (architecture, proxy) and
 each final distillation is written to ``--work``/results.json when done. Writes
@@ -129,10 +130,12 @@ def main() -> int:
     # non-embedding parameters: the encoder layers actually stored (shared ones once)
     ranks["params"] = [(a.num_hidden_groups if a.is_albert else a.num_layers) * a.layer_params()
                        for a in archs]
-    short = ranks["distill-200"]
-    top = sorted(range(len(archs)), key=lambda i: -short[i])[:args.top_k]
-    ranks["multi-fidelity"] = [1.0 + ranks["distill-800"][i] if i in top else short[i]
-                               for i in range(len(archs))]
+    for name, first in (("multi-fidelity", "distill-200"),
+                        ("supernet-20+distill-800", "supernet-20")):  # search.rescore_top_k
+        short = ranks[first]
+        top = sorted(range(len(archs)), key=lambda i: -short[i])[:args.top_k]
+        ranks[name] = [1.0 + ranks["distill-800"][i] if i in top else short[i]
+                       for i in range(len(archs))]
     lo, hi = 0.85 * target, 1.15 * target
     records, rows = [], []
     for name, vals in ranks.items():

@@ -7,9 +7,10 @@ The tweets task (configs/demo.yaml) with its teacher fine-tuned on every trainin
 seq_len 64, 2 threads, this machine. Per budget:
 
 - ``tpe``: Optuna TPE with the config's default proxy and 20 trained candidates,
-- ``tpe-rescored``: the same, then its 4 best re-scored by the 800-step distillation proxy
-  (``search.rescore_top_k``), the best by that score kept,
-- ``differentiable``: the Gumbel-softmax search over the supernet (``--diff-steps``),
+- ``tpe-rescored``: a copy of that TPE study, its 4 best re-scored by the 800-step distillation
+  proxy (``search.rescore_top_k``), the best by that score kept,
+- ``differentiable``: the Gumbel-softmax search over the supernet (``--diff-steps``), and
+  ``differentiable-alr0.1`` the same at 10x its architecture learning rate (0.1),
 - hand-designed students, each family's fastest member that fits the budget under the latency
   table (or, where none fits, its fastest member, marked as not fitting): the teacher's first k
   layers; every other layer (a stride of 6/k); the whole teacher uniformly narrowed (hidden and
@@ -39,10 +40,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import time
 from pathlib import Path
 
+import optuna
 from real_task import (  # benchmarks/ is the script's folder
     distill_seed,
     hand_families,
@@ -66,7 +69,11 @@ SEARCHES = {
     # the same TPE trials, then multi-fidelity: its 4 best re-scored by 800 distillation steps
     "tpe-rescored": ["search.rescore_top_k=4", "search.rescore_steps=800"],
     "differentiable": ["search.strategy=differentiable"],
+    # the same with 10x the architecture learning rate: does it converge (entropy < half of
+    # uniform in every dimension), and is what it converges to any better?
+    "differentiable-alr0.1": ["search.strategy=differentiable", "differentiable.arch_lr=0.1"],
 }
+RESCORES = {"tpe-rescored": "tpe"}  # starts from a copy of that search's finished study
 log = logging.getLogger("search_vs_hand")
 
 
@@ -87,7 +94,7 @@ def hand_students(run, speedup: float) -> dict[str, tuple[ArchConfig, list[int],
     budget = teacher_ms / speedup
     out = {}
     for fam, members in fams.items():
-        ms = {m[0].name: run.latency.ms(m[0]) for m in members}
+        ms = {m[0].name: _ms(run, m[0]) for m in members}
         fit = [m for m in members if ms[m[0].name] <= budget]
         # the fastest member that fits is the weakest; the strongest that fits is the slowest
         # one within the budget: a hand designer spends the budget
@@ -95,6 +102,15 @@ def hand_students(run, speedup: float) -> dict[str, tuple[ArchConfig, list[int],
             min(members, key=lambda m: ms[m[0].name])
         out[fam] = (pick[0], pick[1], bool(fit))
     return out
+
+
+def _ms(run, arch: ArchConfig) -> float:
+    """The latency model's prediction; measured where the table lacks one of the arch's blocks
+    (a hand-designed student outside the space, e.g. hidden 320 with FFN 1280)."""
+    try:
+        return run.latency.ms(arch)
+    except KeyError:
+        return run.meter.arch_ms(arch)
 
 
 def ident_of(st: dict) -> tuple[ArchConfig, str]:
@@ -114,6 +130,8 @@ def main() -> int:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--budgets", nargs="+", default=["4x@1", "8x@1", "4x@32"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--searches", nargs="+", default=list(SEARCHES), choices=list(SEARCHES),
+                    help="which searches to run (a budget's table shows the ones that ran)")
     ap.add_argument("--diff-steps", type=int, default=600)
     ap.add_argument("--work", default="runs/bench_search_vs_hand")
     ap.add_argument("--sweeps", type=int, default=5)
@@ -144,13 +162,19 @@ def main() -> int:
         run = run_for(batch)
         for name, extra in SEARCHES.items():
             key = f"{b}/{name}"
-            if key in students:
+            if key in students or name not in args.searches:
                 continue
             cfg = load_config(args.config, [*over, *extra, f"budget.batch_size={batch}",
                                             f"budget.speedup={speedup}",
                                             f"differentiable.steps={args.diff_steps}"])
             study_name = f"{name}_{b.replace('@', '_b')}"
-            study = create_or_load(study_name, default_storage(cfg.run_dir, study_name), cfg)
+            storage = default_storage(cfg.run_dir, study_name)
+            if name in RESCORES and study_name not in optuna.get_all_study_names(storage):
+                src = f"{RESCORES[name]}_{b.replace('@', '_b')}"
+                optuna.copy_study(from_study_name=src, to_study_name=study_name,
+                                  from_storage=default_storage(cfg.run_dir, src),
+                                  to_storage=storage)
+            study = create_or_load(study_name, storage, cfg)
             t0 = time.perf_counter()
             search(dataclasses.replace(run, cfg=cfg), study, n_trials=cfg.search.n_trials,
                    timeout=None)
@@ -227,8 +251,11 @@ def main() -> int:
                      f"{100 * mean / teacher:.1f}"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search_vs_hand.json").write_text(json.dumps(records, indent=1) + "\n")
-    print(f"\n{cpu_name()}, 2 threads, seq_len 64; seeds {args.seeds}; final recipe: "
-          + json.dumps(run_for(1).cfg.to_dict()["distill"]))
+    recipe = {k: v for k, v in run_for(1).cfg.to_dict()["distill"].items()
+              if k not in ("checkpoint_every", "device", "feature_cache_gb")}
+    devices = sorted({u.get("device", "cpu") for u in units.values()})
+    print(f"\nlatency: {cpu_name()}, 2 threads, seq_len 64; seeds {args.seeds}; final recipe "
+          f"(trained on {', '.join(devices)}): " + json.dumps(recipe))
     print(text_table(["budget", "student", "kind", "architecture", "ms", "speedup", "fits",
                       "test mean", "std", "% of teacher"], rows))
     for b, entries in by_budget.items():
@@ -241,6 +268,17 @@ def main() -> int:
             print(f"{b}: best searched {s[0]} {s[3]:.4f} vs best hand-designed {h[0]} "
                   f"{h[3]:.4f}: {100 * d:+.2f} points (pooled seed std {100 * pooled:.2f}; "
                   f"target +1.0 and > {200 * pooled:.2f})")
+        elif s:
+            print(f"{b}: best searched {s[0]} {s[3]:.4f}; no hand-designed student fits this "
+                  "budget (each family's fastest member is slower)")
+    for key, st in students.items():  # did the differentiable searches converge?
+        if st.get("entropy") and key.split("/")[0] in args.budgets:
+            space = run_for(1).space
+            rel = {d: h / math.log(len(getattr(space, d))) for d, h in st["entropy"].items()
+                   if len(getattr(space, d)) > 1}
+            print(f"{key}: final entropy / uniform " + ", ".join(
+                f"{d} {r:.2f}" for d, r in sorted(rel.items()))
+                  + f" ({'all' if max(rel.values()) < 0.5 else 'not all'} below 0.5)")
     by_device = {}
     for u in units.values():
         n, t = by_device.get(u.get("device", "cpu"), (0, 0.0))

@@ -116,7 +116,10 @@ def make_pruner(cfg: RunConfig):
     return optuna.pruners.NopPruner()
 
 
-_IGNORED_FOR_MATCH = {("search", "n_trials"), ("search", "timeout"), ("distill",)}
+# what a resumed study may change: how long to go on, re-scoring its best trials after them
+# (search.rescore_*: the trials stay the same), and the final distillation
+_IGNORED_FOR_MATCH = {("search", "n_trials"), ("search", "timeout"), ("search", "rescore_top_k"),
+                      ("search", "rescore_steps"), ("distill",)}
 
 
 def _differences(a: dict, b: dict, prefix=()) -> list[str]:
