@@ -75,7 +75,6 @@ def pack(args) -> int:
     from real_task import resumable
     from search_vs_hand import FULL_DATA
 
-    from tacnas.evaluators.teacher import teacher_logits
     from tacnas.nas.config import load_config
     from tacnas.nas.pipeline import prepare
 
@@ -102,10 +101,6 @@ def pack(args) -> int:
     tensors["dev_logits"] = run.proxy.dev_logits
     save_file({k: v.contiguous() for k, v in tensors.items()}, bundle / "data.safetensors")
     p = run.proxy
-    test = teacher_logits(run.teacher, run.data.test, name="test", cache_dir=run.cache,
-                          progress=False)
-    from tacnas.evaluators.metrics import compute_metrics
-
     meta = {
         "teacher_config": tm.config.to_dict(),
         "label_names": run.data.label_names, "metric": run.data.metric,
@@ -115,7 +110,7 @@ def pack(args) -> int:
                   "temperature": p.temperature, "alpha_ce": p.alpha_ce, "init": p.init,
                   "seed": p.seed},
         "teacher_dev": run.teacher_dev[run.data.metric],
-        "teacher_test": compute_metrics(test, run.data.test.labels)[run.data.metric],
+        "teacher_test": run.teacher_test()[run.data.metric],
         "units": units,
     }
     (bundle / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -208,12 +203,10 @@ def run_units(args) -> int:
 
     bundle = Path(args.bundle)
     units = json.loads((bundle / "meta.json").read_text())["units"]
-    done = set()
     res = Path(args.results)
-    if res.is_file():
-        done = {json.loads(line)["key"] + json.loads(line)["bench"]
-                for line in res.read_text().splitlines() if '"result"' in line}
-    todo = [u for u in units if u["key"] + u["bench"] not in done]
+    lines = [json.loads(line) for line in res.read_text().splitlines()] if res.is_file() else []
+    done = {(r["bench"], r["key"]) for r in lines if "result" in r}
+    todo = [u for u in units if (u["bench"], u["key"]) not in done]
     if args.limit:
         todo = todo[:args.limit]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
