@@ -9,8 +9,11 @@ seq_len 64, 2 threads, this machine. Per budget:
 - ``tpe``: Optuna TPE with the config's default proxy and 20 trained candidates,
 - ``tpe-rescored``: a copy of that TPE study, its 4 best re-scored by the 800-step distillation
   proxy (``search.rescore_top_k``), the best by that score kept,
-- ``differentiable``: the Gumbel-softmax search over the supernet (``--diff-steps``), and
-  ``differentiable-alr0.1`` the same at 10x its architecture learning rate (0.1),
+- ``differentiable``: the Gumbel-softmax search over the supernet (``--diff-steps``) at its
+  defaults (``arch_lr`` 0.1, the expected hinge as its latency term); ``differentiable-alr0.01``
+  at its earlier defaults (``arch_lr`` 0.01, the hinge of the expected latency) and
+  ``differentiable-alr0.1-hoe`` those at ``arch_lr`` 0.1; ``differentiable-b0.9`` the defaults
+  with Adam's beta1 0.9 for the logits, for its convergence only (its student is not finished),
 - hand-designed students, each family's fastest member that fits the budget under the latency
   table (or, where none fits, its fastest member, marked as not fitting): the teacher's first k
   layers; every other layer (a stride of 6/k); the whole teacher uniformly narrowed (hidden and
@@ -68,11 +71,19 @@ SEARCHES = {
     "tpe": [],  # the config's default sampler and proxy
     # the same TPE trials, then multi-fidelity: its 4 best re-scored by 800 distillation steps
     "tpe-rescored": ["search.rescore_top_k=4", "search.rescore_steps=800"],
+    # the differentiable search at its defaults (arch_lr 0.1, the expected hinge)
     "differentiable": ["search.strategy=differentiable"],
-    # the same with 10x the architecture learning rate: does it converge (entropy < half of
-    # uniform in every dimension), and is what it converges to any better?
-    "differentiable-alr0.1": ["search.strategy=differentiable", "differentiable.arch_lr=0.1"],
+    # its earlier defaults: arch_lr 0.01 and the hinge of the expected latency ...
+    "differentiable-alr0.01": ["search.strategy=differentiable", "differentiable.arch_lr=0.01",
+                               "differentiable.latency_loss=hinge_of_expected"],
+    # ... and those at 10x the architecture learning rate
+    "differentiable-alr0.1-hoe": ["search.strategy=differentiable", "differentiable.arch_lr=0.1",
+                                  "differentiable.latency_loss=hinge_of_expected"],
+    # the defaults with Adam's beta1 0.9 for the logits (the samples' noise averaged, not
+    # followed): measured for convergence only (SEARCH_ONLY)
+    "differentiable-b0.9": ["search.strategy=differentiable", "differentiable.arch_beta1=0.9"],
 }
+SEARCH_ONLY = {"differentiable-b0.9"}  # their entropies are reported, their students not finished
 RESCORES = {"tpe-rescored": "tpe"}  # starts from a copy of that search's finished study
 log = logging.getLogger("search_vs_hand")
 
@@ -157,12 +168,13 @@ def main() -> int:
         return runs[batch]
 
     students = results.setdefault("students", {})  # "4x@1/tpe" -> {arch, layers, kind}
+    search_only = results.setdefault("search_only", {})  # the same, never finished
     for b in args.budgets:
         speedup, batch = parse_budget(b)
         run = run_for(batch)
         for name, extra in SEARCHES.items():
             key = f"{b}/{name}"
-            if key in students or name not in args.searches:
+            if key in students or key in search_only or name not in args.searches:
                 continue
             cfg = load_config(args.config, [*over, *extra, f"budget.batch_size={batch}",
                                             f"budget.speedup={speedup}",
@@ -181,9 +193,9 @@ def main() -> int:
             secs[f"search_{key}"] = time.perf_counter() - t0
             best = best_trial(study)
             r = TrialRecord.read(best)
-            students[key] = {"arch": r.arch.to_dict(), "layers": None, "kind": "search",
-                             "proxy": r.score, "trial": best.number,
-                             "entropy": (r.extra or {}).get("final_entropy")}
+            (search_only if name in SEARCH_ONLY else students)[key] = {
+                "arch": r.arch.to_dict(), "layers": None, "kind": "search", "proxy": r.score,
+                "trial": best.number, "entropy": (r.extra or {}).get("final_entropy")}
             save()
         for fam, (arch, layers, fits) in hand_students(run, speedup).items():
             students.setdefault(f"{b}/{fam}", {"arch": arch.to_dict(), "layers": layers,
@@ -271,14 +283,16 @@ def main() -> int:
         elif s:
             print(f"{b}: best searched {s[0]} {s[3]:.4f}; no hand-designed student fits this "
                   "budget (each family's fastest member is slower)")
-    for key, st in students.items():  # did the differentiable searches converge?
+    for key, st in {**students, **search_only}.items():  # did the differentiable ones converge?
         if st.get("entropy") and key.split("/")[0] in args.budgets:
             space = run_for(1).space
             rel = {d: h / math.log(len(getattr(space, d))) for d, h in st["entropy"].items()
                    if len(getattr(space, d)) > 1}
             print(f"{key}: final entropy / uniform " + ", ".join(
                 f"{d} {r:.2f}" for d, r in sorted(rel.items()))
-                  + f" ({'all' if max(rel.values()) < 0.5 else 'not all'} below 0.5)")
+                  + f" ({'all' if max(rel.values()) < 0.5 else 'not all'} below 0.5; "
+                  + (f"derived {ArchConfig(**st['arch']).name}, not finished)"
+                     if key in search_only else f"{secs[f'search_{key}']:.0f} s)"))
     by_device = {}
     for u in units.values():
         n, t = by_device.get(u.get("device", "cpu"), (0, 0.0))

@@ -202,16 +202,23 @@ class DifferentiableConfig:
     """``search.strategy: differentiable``: AdaBERT-style search over a weight-sharing supernet.
     Each step trains the slice of a sampled architecture on a train batch; after the warm-up,
     an architecture step on a dev batch updates one categorical distribution per dimension with
-    L_KD + latency_weight * max(0, E[latency] / budget - 1)."""
+    L_KD + latency_weight * E[max(0, latency / budget - 1)] (``latency_loss``)."""
 
     steps: int = Field(600, ge=1)  # supernet weight steps in all
     warmup_steps: int = Field(200, ge=0)  # weights only, architectures drawn uniformly
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)  # supernet weights (AdamW)
-    arch_lr: float = Field(0.01, gt=0)  # architecture logits (Adam)
+    arch_lr: float = Field(0.1, gt=0)  # architecture logits (Adam)
+    # Adam's beta1 for the logits (DARTS's 0.5 follows each step's gradient; 0.9 averages the
+    # Gumbel samples' noise over about 10 steps, so a weak but steady preference accumulates)
+    arch_beta1: float = Field(0.5, ge=0, lt=1)
     tau_start: float = Field(5.0, gt=0)  # Gumbel-softmax temperature, annealed exponentially
     tau_end: float = Field(0.5, gt=0)
     latency_weight: float = Field(1.0, ge=0)  # beta of the latency loss
+    # the latency term under a budget: the hinge of the expected latency lets a mixture of an
+    # architecture over the budget and one under it sit at the budget; the expected hinge
+    # charges each architecture over the budget by its own excess
+    latency_loss: Literal["expected_hinge", "hinge_of_expected"] = "expected_hinge"
     floor_candidates: int = Field(8, ge=1)  # under budget.min_retention: likely ones scored
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)

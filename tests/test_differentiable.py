@@ -4,6 +4,7 @@ trial it writes for status/export."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -49,6 +50,55 @@ def test_the_latency_hinge_pulls_down_over_budget_and_not_below(random_teacher):
     loss = torch.relu(expected(fresh.probs()) / (2 * start) - 1.0)
     loss.backward()
     assert all(p.grad is None or torch.all(p.grad == 0) for p in fresh.parameters())
+
+
+def test_the_expected_hinge_charges_a_mixture_that_sits_at_the_budget(random_teacher):
+    net = Supernet(SPACE, random_teacher)
+    expected = ExpectedLatency(FlopsTable(), SPACE)
+    alpha = ArchParams(net.dims())
+    names = expected.names
+    fixed = {n: torch.nn.functional.one_hot(torch.tensor(0), len(c)).double()
+             for n, c in expected.dims}
+
+    def with_layers(p):  # everything at its first choice, num_layers mixed
+        return {**fixed, "num_layers": torch.tensor(p, dtype=torch.float64)}
+
+    one, four = (float(expected(with_layers(p))) for p in ([1, 0, 0], [0, 0, 1]))
+    budget = (one + four) / 2  # a half/half mixture of 1 and 4 layers sits on it
+    mix = with_layers([0.5, 0, 0.5])
+    assert float(expected(mix)) == pytest.approx(budget)
+    assert float(torch.relu(expected(mix) / budget - 1)) == 0.0  # the hinge of E: no pull
+    charged = float(expected(mix, expected.over(budget)))
+    assert charged == pytest.approx(0.5 * (four / budget - 1))  # E[hinge]: the 4 layers pay
+    # at one-hot distributions it is the hinge of that architecture's prediction
+    assert float(expected(with_layers([0, 0, 1]), expected.over(budget))) == \
+        pytest.approx(four / budget - 1)
+    assert float(expected(with_layers([1, 0, 0]), expected.over(budget))) == 0.0
+    assert len(names) == len(alpha.logits)
+
+
+def test_the_expected_hinge_moves_a_search_under_its_budget(diff_run):
+    # a budget 4/5 of the way from the fastest architecture to the uniform mixture, as a speedup
+    # (a ratio of the latency table's predictions: the calibration to this run cancels)
+    _, probe = diff_run()
+    probe.meter.close()
+    table, space = probe.latency.table, probe.space
+    expected = ExpectedLatency(table, space)
+    uniform = ArchParams(list(space.choices().items())).probs()
+    fastest = min(table.predict_ms(a) for a in space.all_archs())
+    limit = fastest + 0.8 * (float(expected(uniform).detach()) - fastest)
+    cfg, run = diff_run("differentiable.latency_loss=expected_hinge",
+                        f"budget.speedup={probe.latency.teacher_predicted() / limit}",
+                        "differentiable.arch_lr=0.3", "differentiable.latency_weight=50")
+    study = create_or_load("d", default_storage(cfg.run_dir, "d"), cfg)
+    out = differentiable_search(run, study)
+    history = json.loads((Path(cfg.run_dir) / "d" / "checkpoints" /
+                          "differentiable_history.json").read_text())
+    final = {n: torch.tensor([history[-1]["probs"][n][str(c)] for c in ch])
+             for n, ch in space.choices().items()}
+    before, after = (float(expected(p, expected.over(limit))) for p in (uniform, final))
+    assert before > 0 and after < 0.5 * before, (before, after)  # the excess is paid down
+    assert out["latency_ms"] <= out["budget_ms"]
 
 
 @pytest.fixture
