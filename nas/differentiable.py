@@ -147,7 +147,7 @@ class ArchParams(torch.nn.Module):
                 for n, p in self.logits.items()}
 
     def readable(self) -> dict[str, dict[str, float]]:
-        return {n: {str(c): round(float(v), 4) for c, v in zip(self.choices[n], p)}
+        return {n: {str(c): round(float(v), 4) for c, v in zip(self.choices[n], p.detach())}
                 for n, p in self.probs().items()}
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -101,6 +103,45 @@ def cli(*args, cwd: Path, check: bool = True, timeout: int = 300,
                        env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def cli_here(*args, cwd: Path, check: bool = True,
+             env: dict | None = None) -> SimpleNamespace:
+    """``cli`` in this process: the same ``main`` with the same arguments, its stdout, stderr
+    (warnings logged as the CLI's own handler writes them) and exit code, without starting an
+    interpreter and importing torch and transformers again (seconds a call). For the commands a
+    test builds on; what a user sees of a failing command (its exit code and one stderr line,
+    no traceback) is tested through ``cli``, a real process."""
+    from tacnas.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    os.environ.update(env or {})
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(["--quiet", *map(str, args)])
+            except SystemExit as e:  # argparse's own errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        root.handlers[:] = handlers  # also drops one a basicConfig may have added
+        root.setLevel(level)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+    p = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\n{p.stdout}\n{p.stderr}")
     return p
 
 

@@ -19,7 +19,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification
 
 from tacnas.nas.study import feasible_trained
-from tests.conftest import ROOT, alive, children, cli
+from tests.conftest import ROOT, alive, children, cli, cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -29,25 +29,25 @@ def _study(project: Path, name: str = "tiny") -> optuna.Study:
 
 
 def test_search_resume_export_and_load(project):
-    out = cli("search", "--config", "tiny.yaml", "--n-trials", "3", cwd=project).stdout
+    out = cli_here("search", "--config", "tiny.yaml", "--n-trials", "3", cwd=project).stdout
     assert "3 trained of 3 requested" in out and "best: #" in out
     resolved = yaml.safe_load((project / "runs" / "tiny" / "config.yaml").read_text())
     assert resolved["search"]["n_trials"] == 3 and resolved["proxy"]["init"] == "teacher"
     first = {t.number: t.values for t in _study(project).trials}
 
-    cli("resume", "--study", "tiny", "--n-trials", "5", cwd=project)
+    cli_here("resume", "--study", "tiny", "--n-trials", "5", cwd=project)
     study = _study(project)
     trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]
     assert len(trained) == 5
     assert all(study.trials[n].values == v for n, v in first.items())  # nothing lost or redone
     assert len({t.user_attrs["arch_name"] for t in trained}) == 5
 
-    status = cli("status", "--study", "tiny", cwd=project).stdout
+    status = cli_here("status", "--study", "tiny", cwd=project).stdout
     assert "score ± s.e." in status and "best: #" in status
     assert "score: dev accuracy (" in status  # what ranked the candidates, with the dev size
     assert "weak teacher" not in status  # the tiny teacher is a real one
 
-    out = cli("export", "--study", "tiny", "--out", "exported", "--runtimes", "torch",
+    out = cli_here("export", "--study", "tiny", "--out", "exported", "--runtimes", "torch",
               cwd=project).stdout
     assert "speedup" in out and "teacher" in out
     exp = project / "exported"
@@ -68,7 +68,7 @@ def test_search_resume_export_and_load(project):
     assert AutoTokenizer.from_pretrained(exp)("good day")["input_ids"][0] == 2  # [CLS]
 
     # the final distillation of the chosen trial writes the same kind of folder
-    out = cli("distill", "--from", f"tiny:{best.number}", "--set", "distill.max_steps=20",
+    out = cli_here("distill", "--from", f"tiny:{best.number}", "--set", "distill.max_steps=20",
               "--set", "distill.eval_every=10", "--out", "final", "--runtimes", "torch",
               cwd=project).stdout
     rep = json.loads((project / "final" / "report.json").read_text())
@@ -165,17 +165,17 @@ def test_resume_of_an_unknown_study_exits_2(project):
 
 
 def test_profile_saves_a_table_that_search_reuses_and_other_devices_refuse(project):
-    out = cli("profile", "--config", "tiny.yaml", cwd=project).stdout
+    out = cli_here("profile", "--config", "tiny.yaml", cwd=project).stdout
     path = Path(out.splitlines()[0].removeprefix("latency table "))
     table = json.loads(path.read_text())
     assert table["blocks"] and table["fit_points"] and table["unit_ms"] > 0
     assert table["fingerprint"]["batch_size"] == 1 and table["fingerprint"]["threads"] == 1
     assert "teacher" in out and "predicted ms" in out
-    again = cli("profile", "--config", "tiny.yaml", cwd=project).stdout
+    again = cli_here("profile", "--config", "tiny.yaml", cwd=project).stdout
     assert "profiled now: 0 blocks, 0 whole models" in again
 
     # the search predicts from it; every trained candidate's latency is recorded with its source
-    cli("search", "--config", "tiny.yaml", "--n-trials", "2", cwd=project)
+    cli_here("search", "--config", "tiny.yaml", "--n-trials", "2", cwd=project)
     trials = [t for t in _study(project).trials if "budget_ms" in t.user_attrs]
     assert trials and all(t.user_attrs["latency_source"].startswith(("predicted", "measured"))
                           and t.user_attrs["predicted_ms"] > 0 for t in trials)
@@ -192,14 +192,14 @@ def test_profile_saves_a_table_that_search_reuses_and_other_devices_refuse(proje
 
 
 def test_multi_objective_tpe_report_and_pareto_export(project):
-    cli("search", "--config", "tiny.yaml", "--study", "mo", "--n-trials", "4",
+    cli_here("search", "--config", "tiny.yaml", "--study", "mo", "--n-trials", "4",
         "--set", "search.multi_objective=true", cwd=project)
     study = _study(project, "mo")
     assert len(study.directions) == 2
-    status = cli("status", "--study", "mo", cwd=project).stdout
+    status = cli_here("status", "--study", "mo", cwd=project).stdout
     assert "Pareto front (feasible, trained)" in status
 
-    out = cli("report", "--study", "mo", "--out", "rep", cwd=project).stdout
+    out = cli_here("report", "--study", "mo", "--out", "rep", cwd=project).stdout
     png = project / "rep" / "trials.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     md = (project / "rep" / "report.md").read_text()
@@ -207,7 +207,7 @@ def test_multi_objective_tpe_report_and_pareto_export(project):
     front = [int(x) for x in out.rsplit("Pareto front:", 1)[1].replace("#", "").split(",")]
     assert front
 
-    cli("export", "--study", "mo", "--pareto", "--out", "front", "--runtimes", "torch",
+    cli_here("export", "--study", "mo", "--pareto", "--out", "front", "--runtimes", "torch",
         cwd=project)
     for n in front:
         folder = project / "front" / f"trial_{n}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.conftest import cli
+from tests.conftest import cli, cli_here
 
 pytestmark = pytest.mark.slow
 ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
@@ -32,7 +32,7 @@ def test_export_ships_onnx_graphs_that_plain_onnxruntime_runs(project):
     (project / "arch.json").write_text(json.dumps({
         "num_layers": 2, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
         "embedding_size": 16, "num_hidden_groups": 1}))
-    cli("distill", "--arch", "arch.json", "--config", "tiny.yaml", "--set",
+    cli_here("distill", "--arch", "arch.json", "--config", "tiny.yaml", "--set",
         "distill.max_steps=30", "--out", "shipped", cwd=project)
     out = project / "shipped"
     assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file()
@@ -73,7 +73,7 @@ def test_export_ships_onnx_graphs_that_plain_onnxruntime_runs(project):
 
 
 def test_int8_backend_budgets_and_scores_the_int8_student(project):
-    out = cli("search", "--config", "tiny.yaml", "--study", "i8", "--n-trials", "1",
+    out = cli_here("search", "--config", "tiny.yaml", "--study", "i8", "--n-trials", "1",
               "--set", "budget.backend=onnxruntime-int8", "--set", "budget.latency=measure",
               cwd=project).stdout
     assert "1 trained of 1 requested" in out
@@ -86,9 +86,9 @@ def test_int8_backend_budgets_and_scores_the_int8_student(project):
         assert t.value == a["score"] and 0 <= a["fp32_score"] <= 1
         assert abs(a["score"] - a["fp32_score"]) <= 0.1
         assert a["latency_ms"] <= a["budget_ms"]
-    status = cli("status", "--study", "i8", cwd=project).stdout
+    status = cli_here("status", "--study", "i8", cwd=project).stdout
     assert "score ± s.e. (int8)" in status and "fp32 score" in status
-    cli("export", "--study", "i8", "--runtimes", "onnxruntime-int8", "--out", "exp", cwd=project)
+    cli_here("export", "--study", "i8", "--runtimes", "onnxruntime-int8", "--out", "exp", cwd=project)
     rep = json.loads((project / "exp" / "report.json").read_text())
     assert rep["backend"] == "onnxruntime-int8"
     assert [r["backend"] for r in rep["runtimes"]] == ["onnxruntime-int8"]

@@ -18,7 +18,7 @@ from tacnas.nas.pipeline import prepare
 from tacnas.nas.study import create_or_load, default_storage
 from tacnas.searchspace.space import SearchSpace
 from tacnas.searchspace.supernet import Supernet
-from tests.conftest import checkpoint_step, cli, interrupt_when
+from tests.conftest import checkpoint_step, cli_here, interrupt_when
 
 SPACE = SearchSpace(num_layers=(1, 2, 4), hidden_size=(32, 48, 64), intermediate_size=(64, 128),
                     head_size=16, embedding_size=(16, "hidden"), num_hidden_groups=(1, "all"))
@@ -172,7 +172,7 @@ def test_a_killed_search_resumes_at_its_checkpoint_step(diff_run, project, monke
 def test_cli_search_status_export_of_a_differentiable_study(project):
     common = ["--set", "search.strategy=differentiable", "--set", "differentiable.steps=24",
               "--set", "differentiable.warmup_steps=8", "--set", "differentiable.batch_size=16"]
-    out = cli("search", "--config", "tiny.yaml", "--study", "gumbel", *common, cwd=project).stdout
+    out = cli_here("search", "--config", "tiny.yaml", "--study", "gumbel", *common, cwd=project).stdout
     assert "derived L" in out and "budget" in out
     study = optuna.load_study(study_name="gumbel",
                               storage=f"sqlite:///{project}/runs/gumbel/study.db")
@@ -182,11 +182,11 @@ def test_cli_search_status_export_of_a_differentiable_study(project):
     assert set(trial.user_attrs["final_entropy"]) == {"num_layers", "hidden_size",
                                                       "intermediate_size", "embedding_size",
                                                       "num_hidden_groups"}
-    assert "best: #0" in cli("status", "--study", "gumbel", cwd=project).stdout
-    again = cli("resume", "--study", "gumbel", cwd=project).stdout  # nothing left to do
+    assert "best: #0" in cli_here("status", "--study", "gumbel", cwd=project).stdout
+    again = cli_here("resume", "--study", "gumbel", cwd=project).stdout  # nothing left to do
     assert len(optuna.load_study(study_name="gumbel", storage=f"sqlite:///{project}/runs/"
                                  "gumbel/study.db").trials) == 1 and "best: #0" in again
-    cli("export", "--study", "gumbel", "--out", "exp", "--runtimes", "torch", cwd=project)
+    cli_here("export", "--study", "gumbel", "--out", "exp", "--runtimes", "torch", cwd=project)
     report = json.loads((project / "exp" / "report.json").read_text())
     assert report["student"]["arch"] == trial.user_attrs["arch_name"]
     # the export is the extracted supernet slice the trial recorded

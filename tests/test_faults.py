@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tests import tiny_assets
-from tests.conftest import ROOT, cli, default_sigint
+from tests.conftest import ROOT, cli, cli_here, default_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def searched(tmp_path_factory):
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     (proj / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     env = {"TACNAS_CACHE": str(proj / "cache")}
-    cli("search", "--config", "tiny.yaml", "--n-trials", "2", cwd=proj, env=env)
+    cli_here("search", "--config", "tiny.yaml", "--n-trials", "2", cwd=proj, env=env)
     (proj / "latin1.yaml").write_bytes("task: {dataset: caf\xe9.csv}\n".encode("latin-1"))
     (proj / "five.csv").write_text("text,label\n" + "".join(
         f"good film number {i},{'positive' if i % 2 else 'negative'}\n" for i in range(5)))
@@ -213,7 +213,7 @@ def cached(tmp_path_factory):
     cfg["proxy"].update(kind="supernet", supernet_steps=20, steps=5, eval_every=0)
     (proj / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     env = {"TACNAS_CACHE": str(proj / "cache")}
-    cli("search", "--config", "tiny.yaml", "--study", "sn", "--n-trials", "1", cwd=proj, env=env)
+    cli_here("search", "--config", "tiny.yaml", "--study", "sn", "--n-trials", "1", cwd=proj, env=env)
     return proj, env
 
 

@@ -18,7 +18,7 @@ from tacnas.nas.optuna_search import run_search
 from tacnas.nas.record import TrialRecord
 from tacnas.nas.report import status_text
 from tacnas.nas.study import best_trial, create_or_load, default_storage
-from tests.conftest import cli, fake_run, true_score
+from tests.conftest import cli, cli_here, fake_run, true_score
 
 
 def _study(run, name="f"):
@@ -146,7 +146,7 @@ def test_length_percentile_rounds_up_to_eight_and_caps_at_max_length():
 
 
 def test_cli_budget_at_the_task_length_profiles_and_reports_that_length(project, monkeypatch):
-    p = cli("search", "--config", "tiny.yaml", "--study", "len", "--set", "budget.seq_len=task",
+    p = cli_here("search", "--config", "tiny.yaml", "--study", "len", "--set", "budget.seq_len=task",
             "--set", "budget.seq_len_percentile=50", "--set", "search.n_trials=1",
             "--set", "proxy.steps=2", cwd=project)
     # the tiny task's dev lengths, tokenized as the search does
@@ -160,10 +160,10 @@ def test_cli_budget_at_the_task_length_profiles_and_reports_that_length(project,
     expect = length_percentile(run.data.dev, 50, cfg.task.max_length)
     assert expect < cfg.task.max_length  # the test means something: not the padded length
     assert 8 * int(np.ceil(float(np.median(run.data.dev.lengths.numpy())) / 8)) == expect
-    q = cli("profile", "--config", "tiny.yaml", "--set", "budget.seq_len=task",
+    q = cli_here("profile", "--config", "tiny.yaml", "--set", "budget.seq_len=task",
             "--set", "budget.seq_len_percentile=50", cwd=project)
     assert f"seq_len {expect}" in q.stdout
-    e = cli("export", "--study", "len", "--out", "out", cwd=project)
+    e = cli_here("export", "--study", "len", "--out", "out", cwd=project)
     report = json.loads((project / "out" / "report.json").read_text())
     assert report["measurement"]["seq_len"] == expect, (p.stdout, e.stdout)
     assert f"seq_len {expect}" in e.stdout
@@ -178,7 +178,7 @@ def test_cli_floor_no_candidate_meets_exits_2_with_one_line(project):
     err = p.stderr.strip().splitlines()
     assert err[-1].startswith("error: budget.min_retention=1: none of the 2 trained candidates")
     assert "Traceback" not in p.stderr
-    s = cli("status", "--study", "floor", cwd=project)
+    s = cli_here("status", "--study", "floor", cwd=project)
     assert "budget.min_retention=1: none of the 2" in s.stdout
     e = cli("export", "--study", "floor", "--out", "out", cwd=project, check=False)
     assert e.returncode == 2 and "budget.min_retention=1" in e.stderr.strip().splitlines()[-1]

@@ -23,7 +23,7 @@ from tacnas.nas.optuna_search import run_search
 from tacnas.nas.report import status_text
 from tacnas.nas.study import create_or_load, default_storage
 from tests import tiny_assets
-from tests.conftest import cli, fake_run
+from tests.conftest import cli, cli_here, fake_run
 
 
 def _noisy(n: int, seed: int, k: int = 3, signal: float = 1.0):
@@ -106,8 +106,8 @@ def test_a_weak_teacher_is_warned_in_one_line_and_kept_in_status_and_the_report(
             "--set", "budget.speedup=1.0", cwd=project)
     warn = [ln for ln in p.stderr.splitlines() if "weak teacher" in ln]
     assert len(warn) == 1 and "teacher.epochs" in warn[0]
-    assert "warning: weak teacher" in cli("status", "--study", "w", cwd=project).stdout
-    cli("export", "--study", "w", "--out", "ex", "--runtimes", "torch", cwd=project)
+    assert "warning: weak teacher" in cli_here("status", "--study", "w", cwd=project).stdout
+    cli_here("export", "--study", "w", "--out", "ex", "--runtimes", "torch", cwd=project)
     rep = json.loads((project / "ex" / "report.json").read_text())
     assert any("weak teacher" in w for w in rep["warnings"])
 
@@ -118,7 +118,7 @@ def test_label_free_objective_ranks_by_agreement_on_the_unlabeled_pool(project):
         w = csv.writer(f)
         w.writerow(["text"])
         w.writerows([r[0]] for r in rows)
-    out = cli("search", "--config", "tiny.yaml", "--study", "u", "--n-trials", "2",
+    out = cli_here("search", "--config", "tiny.yaml", "--study", "u", "--n-trials", "2",
               "--set", "task.unlabeled=pool.csv", "--set", "proxy.objective=agreement",
               "--set", "proxy.steps=10", "--set", "budget.speedup=1.0", cwd=project).stdout
     assert "trained" in out
@@ -131,9 +131,9 @@ def test_label_free_objective_ranks_by_agreement_on_the_unlabeled_pool(project):
         assert t.value == m["pool_agreement"] and t.user_attrs["score_se"] == m["pool_agreement_se"]
         assert 400 <= m["pool_n"] <= 520 and m["n"] < m["pool_n"]  # the pool, not dev
         assert "accuracy" in m and "accuracy_se" in m  # the dev metric is kept beside it
-    status = cli("status", "--study", "u", cwd=project).stdout
+    status = cli_here("status", "--study", "u", cwd=project).stdout
     assert "score: agreement with the teacher on" in status and "unlabeled texts" in status
-    exp = cli("export", "--study", "u", "--out", "ex", "--runtimes", "torch", cwd=project).stdout
+    exp = cli_here("export", "--study", "u", "--out", "ex", "--runtimes", "torch", cwd=project).stdout
     rep = json.loads((project / "ex" / "report.json").read_text())
     assert "unlabeled" in rep["ranked_by"]
     for side in ("student", "teacher"):

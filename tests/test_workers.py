@@ -13,7 +13,7 @@ import time
 import optuna
 import pytest
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli_here
 
 pytestmark = [pytest.mark.slow]
 
@@ -52,7 +52,7 @@ def _trials(storage, study):
 
 @pytest.mark.postgres
 def test_two_workers_on_postgres_one_killed_mid_trial(project, postgres_url):
-    cli("profile", "--config", "tiny.yaml", cwd=project)  # once per device, shared by workers
+    cli_here("profile", "--config", "tiny.yaml", cwd=project)  # once per device, shared by workers
     n = 6
     a = _worker(project, postgres_url, "pg", n)
     b = None
@@ -98,7 +98,7 @@ def test_two_workers_on_postgres_one_killed_mid_trial(project, postgres_url):
 
 def test_two_workers_share_a_journal_file(project):
     storage = f"journal://{project}/shared/study.log"
-    cli("profile", "--config", "tiny.yaml", cwd=project)
+    cli_here("profile", "--config", "tiny.yaml", cwd=project)
     a = _worker(project, storage, "j", 4)
     _wait(lambda: (project / "shared" / "study.log").exists()
           and _trials(storage, "j") is not None, 180, "worker A's study")
