@@ -108,8 +108,7 @@ def nni_driver(run: Run, study: optuna.Study):
             study.sampler = optuna.samplers.PartialFixedSampler(fixed, base)
             done.clear()
             try:
-                study.optimize(tagged, n_trials=1, callbacks=[callback, record],
-                               gc_after_trial=True)
+                study.optimize(tagged, n_trials=1, callbacks=[callback, record])
             finally:
                 study.sampler = base
             nni.report_final_result(nni_value(done["trial"], worst))

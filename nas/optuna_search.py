@@ -11,6 +11,7 @@ trained candidates; another library's strategy (NNI) can propose them instead of
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -64,6 +65,18 @@ class Objective:
             trial.set_constraint("min_retention", floor_violation(self.budget.floor, score))
 
     def __call__(self, trial: optuna.Trial):
+        """The trial's values. A trial that trained a candidate is followed by a garbage
+        collection (what Optuna's ``gc_after_trial`` does after every trial): not one rejected
+        without training, as most are under a tight budget (0.5 s each in a process holding
+        torch and transformers)."""
+        self._trained = False
+        try:
+            return self._objective(trial)
+        finally:
+            if self._trained:
+                gc.collect()
+
+    def _objective(self, trial: optuna.Trial):
         rec = TrialRecord(worker=WORKER)
         rec.write(trial)
         try:
@@ -100,6 +113,7 @@ class Objective:
             trial.report(score, step)
             return trial.should_prune()
 
+        self._trained = True
         try:
             result, model = self.run.proxy.evaluate(arch, report=report, progress=self.run.progress)
         except Stopped as s:
@@ -212,8 +226,7 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
     try:
         if target is None or done < target:
             if driver is None:
-                study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after],
-                               gc_after_trial=True)
+                study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after])
             else:
                 driver(objective, after, timeout, lambda: streak["stop"])
     finally:
