@@ -239,7 +239,9 @@ def main() -> int:
             save()
 
     records, rows, by_budget = [], [], {}
-    for key, st in students.items():
+    order = {b: i for i, b in enumerate(args.budgets)}  # rows by budget, searches first
+    for key, st in sorted(students.items(), key=lambda kv: (
+            order.get(kv[0].split("/")[0], len(order)), kv[1]["kind"] != "search")):
         b, student = key.split("/")
         if b not in args.budgets:
             continue
