@@ -4,7 +4,8 @@ A checkpoint holds each module's weights as ``NAME.safetensors``, each optimizer
 state as ``NAME.pt`` (read back with ``weights_only=True``), the torch RNG state (so dropout and
 sampling continue as in an uninterrupted run) and ``state.json``. It is written to
 ``FOLDER.tmp`` and swapped in; a kill between the two renames leaves ``FOLDER.old``, which
-``read_state`` puts back.
+``read_state`` puts back; a kill while the replaced ``FOLDER.old`` is being removed leaves part
+of it beside the new ``FOLDER``, which the next save or read removes.
 """
 
 from __future__ import annotations
@@ -30,13 +31,22 @@ def save_checkpoint(folder: Path, *, modules: dict, objects: dict, state: dict) 
         torch.save(obj.state_dict(), tmp / f"{name}.pt")
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state))
+    old = folder.with_name(folder.name + ".old")
     if folder.exists():
-        old = folder.with_name(folder.name + ".old")
+        _drop_stale(folder)
         folder.rename(old)
         tmp.rename(folder)
         shutil.rmtree(old)
     else:
         tmp.rename(folder)
+
+
+def _drop_stale(folder: Path) -> None:
+    """A ``FOLDER.old`` beside a ``FOLDER`` is what a kill left of the replaced checkpoint while
+    it was being removed (the new one was already in place): removed."""
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists() and old.exists():
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state(folder: Path) -> dict | None:
@@ -45,6 +55,7 @@ def read_state(folder: Path) -> dict | None:
     old = folder.with_name(folder.name + ".old")
     if not folder.exists() and (old / "state.json").is_file():  # killed while replacing it
         old.rename(folder)
+    _drop_stale(folder)
     path = folder / "state.json"
     if not path.is_file():
         return None

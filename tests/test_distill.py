@@ -128,3 +128,31 @@ def test_a_gpu_the_machine_lacks_is_refused_naming_distill_device(tiny_run, proj
     assert not (project / "out" / "best").exists()
     with pytest.raises(Exception, match="device"):
         tiny_run("distill.device=tpu")  # not a device torch trains on here
+
+
+def test_a_checkpoint_killed_at_any_point_of_its_swap_reads_and_saves_again(tmp_path):
+    from tacnas.evaluators.checkpoint import read_state, resume, save_checkpoint
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    folder = tmp_path / "checkpoint"
+    old = tmp_path / "checkpoint.old"
+
+    def save(step):
+        save_checkpoint(folder, modules={"net": net}, objects={"opt": opt}, state={"step": step})
+
+    save(1)
+    save(2)
+    # killed while the replaced checkpoint was being removed: part of it left beside the new one
+    old.mkdir()
+    (old / "net.safetensors").write_bytes(b"partial")
+    assert read_state(folder) == {"step": 2} and not old.exists()
+    old.mkdir()
+    (old / "state.json").write_text('{"step": 1}')
+    save(3)  # the next save is not stopped by it
+    assert read_state(folder) == {"step": 3} and not old.exists()
+    # killed between the two renames: only the old one is complete, and it is put back
+    folder.rename(old)
+    assert resume(folder, modules={"net": net}, objects={"opt": opt}) == {"step": 3}
+    save(4)
+    assert read_state(folder) == {"step": 4} and not old.exists()
