@@ -116,7 +116,6 @@ class ExpectedLatency:
             out = torch.tensordot(p, out, dims=([0], [0]))
         return out
 
-
     def over(self, limit_ms: float) -> torch.Tensor:
         """The grid of ``max(0, prediction / limit_ms - 1)``: with ``__call__``, the expected
         hinge, which charges every architecture over the limit by its own excess."""
