@@ -211,13 +211,6 @@ class _Search:
     opt_a: torch.optim.Optimizer
     folder: object
     state: dict
-    _over: tuple | None = None
-
-    def over_budget(self, limit: float) -> torch.Tensor:
-        """``expected.over(limit)``, computed once per limit."""
-        if self._over is None or self._over[0] != limit:
-            self._over = (limit, self.expected.over(limit))
-        return self._over[1]
 
     def save(self) -> None:
         save_checkpoint(self.folder, modules={"supernet": self.net, "arch": self.alpha},
@@ -271,13 +264,14 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
     logits = s.net.gated_forward(gates, **data.dev.batch(didx))
     l_kd = kd_loss(logits, run.proxy.dev_logits[didx], data.dev.labels[didx],
                    temperature=p.temperature, alpha_ce=p.alpha_ce)
-    e_lat = s.expected(s.alpha.probs()) * run.latency.scale
+    probs = s.alpha.probs()
+    e_lat = s.expected(probs) * run.latency.scale
     if floor_ref is not None:  # an accuracy floor: every millisecond saved counts
         l_lat = e_lat / floor_ref
     elif not budget_ms:
         l_lat = e_lat * 0
     elif d.latency_loss == "expected_hinge":  # E[max(0, lat / budget - 1)]
-        l_lat = s.expected(s.alpha.probs(), s.over_budget(budget_ms / run.latency.scale))
+        l_lat = s.expected(probs, s.expected.over(budget_ms / run.latency.scale))
     else:  # max(0, E[lat] / budget - 1)
         l_lat = torch.relu(e_lat / budget_ms - 1.0)
     optimizer_step(l_kd + d.latency_weight * l_lat, s.opt_a, max_norm=None,
