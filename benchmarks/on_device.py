@@ -10,8 +10,9 @@ the same recipe, and nothing else:
    logits), and writes ``--bundle``: the teacher's weights (fp16, to travel; upcast to fp32
    there, which moves a student's initial weights by at most ~1e-3 relative), the tokenized
    splits, the teacher's train and dev logits, the recipe, and every unit still missing from the
-   two benchmarks' ``results.json``: each (student, seed) of search_vs_hand; each final and each
-   ``distill-200``/``distill-800`` proxy score of proxy_fidelity.
+   two benchmarks' ``results.json``: each (student, seed) of search_vs_hand; each
+   (architecture, seed) final and each ``distill-200``/``distill-800`` proxy score of
+   proxy_fidelity.
 2. ``run`` (on the GPU machine): trains every unit, ``--workers`` processes sharing the GPU,
    appending one JSON line per finished unit to ``--results`` (so a cut run keeps what it did).
 3. ``ingest`` (here): writes those lines into the benchmarks' ``results.json`` (each unit marked
@@ -43,13 +44,15 @@ SPLITS = ("train", "dev", "test")
 def _units(svh: dict, fid: dict) -> list[dict]:
     """Every unit the two benchmarks still miss, seed 0 of everything first (a cut run then
     leaves whole seeds rather than whole students undone)."""
+    from proxy_fidelity import finals_by_seed
     from search_vs_hand import ident_of
 
     from tacnas.searchspace.arch import ArchConfig
 
+    finals = finals_by_seed(fid)
     out, seen = [], set()
     for seed in (0, 1, 2):
-        for st in svh.get("students", {}).values():
+        for st in [*svh.get("students", {}).values(), *svh.get("variants", {}).values()]:
             arch, ident = ident_of(st)
             key = f"{ident}/s{seed}"
             if key in seen or key in svh.get("units", {}):
@@ -57,12 +60,12 @@ def _units(svh: dict, fid: dict) -> list[dict]:
             seen.add(key)
             out.append({"bench": "search_vs_hand", "key": key, "what": "final",
                         "arch": arch.to_dict(), "layers": st["layers"], "seed": seed})
-        if seed == 0:
-            for a in fid.get("archs", []):
-                name = ArchConfig.from_dict(a).name
-                if name not in fid.get("final", {}):
-                    out.append({"bench": "proxy_fidelity", "key": name, "what": "final",
-                                "arch": a, "layers": None, "seed": 0})
+        for a in fid.get("archs", []):
+            name = ArchConfig.from_dict(a).name
+            if f"{name}/s{seed}" not in finals:
+                out.append({"bench": "proxy_fidelity", "key": f"{name}/s{seed}",
+                            "what": "final", "arch": a, "layers": None, "seed": seed})
+            if seed == 0:
                 for steps in (200, 800):
                     key = f"distill-{steps}/{name}"
                     if key not in fid.get("scores", {}):
@@ -178,7 +181,8 @@ def _work(unit: dict) -> dict:
             run = SimpleNamespace(cfg=cfg, data=s["data"], teacher=SimpleNamespace(
                 model=s["teacher"]), proxy=SimpleNamespace(train_logits=s["train_logits"]),
                 progress=False)
-            folder = Path("/tmp/on_device") / unit["key"].replace("/", "_")
+            # by benchmark too: the same (arch, seed) in both would resume the other's run
+            folder = Path("/tmp/on_device") / f"{unit['bench']}_{unit['key'].replace('/', '_')}"
             extra = train_student(run, arch, folder, layers=unit["layers"])
             from transformers import AutoModelForSequenceClassification
 
@@ -227,6 +231,7 @@ def run_units(args) -> int:
 
 # -------------------------------------------------------------------------------------- ingest
 def ingest(args) -> int:
+    from proxy_fidelity import finals_by_seed
     from real_task import resumable
 
     _, svh, save_svh = resumable(args.svh_work)
@@ -242,7 +247,7 @@ def ingest(args) -> int:
         if r["bench"] == "search_vs_hand":
             svh.setdefault("units", {})[r["key"]] = res
         elif r["what"] == "final":
-            fid.setdefault("final", {})[r["key"]] = res
+            finals_by_seed(fid)[r["key"]] = res
         else:
             fid.setdefault("scores", {})[r["key"]] = res
         n += 1

@@ -1,10 +1,11 @@
 """Proxy fidelity where it matters: at one latency, which proxy ranks students as the final
 recipe does?
 
-The tweets task on the full-data teacher (as benchmarks/search_vs_hand.py). ``--n`` (12)
+The tweets task on the full-data teacher (as benchmarks/search_vs_hand.py). ``--n`` (24)
 architectures of the demo space whose predicted latency (the table, batch 1, seq_len 64, this
-machine) is within ±15% of the 4x budget, drawn seeded and spread over the layer counts. Each is
-finished once by search_vs_hand's final recipe (seed 0), and scored by every proxy:
+machine) is within ±15% of the 4x budget, drawn seeded and spread over the layer counts (a larger
+``--n`` keeps the architectures a smaller one drew, and adds to them). Each is finished by
+search_vs_hand's final recipe with every seed of ``--seeds`` (0 1 2), and scored by every proxy:
 
 - ``distill-200``: teacher-initialised, 200 KD steps (the distillation proxy's setting so far),
 - ``distill-800``: the same, 800 steps,
@@ -14,10 +15,14 @@ finished once by search_vs_hand's final recipe (seed 0), and scored by every pro
   ranked above the rest by their longer score,
 - ``supernet-20+distill-800``: the same rule on the supernet proxy (``search.rescore_top_k``).
 
-Kendall tau of each against the final test accuracy. Resumable: each (architecture, proxy) and
-each final distillation is written to ``--work``/results.json when done. Writes
-``benchmarks/results/proxy_fidelity.json``: records ``proxy``, ``tau``, ``n``,
-``latency_band_ms`` and ``default: true`` on the proxy the demo config searches with.
+Kendall tau of each against the final test accuracy (the mean over the seeds), with a bootstrap
+95% interval over the architectures; and, as a reference for how well anything can rank final
+scores this noisy, ``final, another seed``: the final recipe itself at one seed against the mean
+of the other seeds (averaged over the seeds). Resumable: each (architecture, proxy) and each
+(architecture, seed) final distillation is written to ``--work``/results.json when done. Writes
+``benchmarks/results/proxy_fidelity.json``: records ``proxy``, ``tau``, ``tau_ci95``, ``n``,
+``latency_band_ms``, ``final_seeds`` and ``default: true`` on the proxy the demo config searches
+with.
 
     python benchmarks/proxy_fidelity.py
 """
@@ -29,16 +34,17 @@ import copy
 import json
 import logging
 import random
+import statistics
 import time
 from pathlib import Path
 
-from real_task import resumable  # benchmarks/ is the script's folder
-from scipy.stats import kendalltau
+import numpy as np
+from real_task import distill_seed, resumable  # benchmarks/ is the script's folder
+from scipy.stats import bootstrap, kendalltau
 from search_vs_hand import FULL_DATA
 
 from tacnas.evaluators.latency_table import cpu_name, teacher_arch
 from tacnas.nas.config import load_config
-from tacnas.nas.distill import distill
 from tacnas.nas.pipeline import prepare
 from tacnas.nas.report import table as text_table
 from tacnas.searchspace.arch import ArchConfig
@@ -65,11 +71,32 @@ def band(run, speedup: float, n: int, seed: int, width: float = 0.15):
     return picked, target, len(near)
 
 
+def finals_by_seed(results: dict) -> dict:
+    """``results["final"]`` keyed ``ARCH/sSEED``; the first runs kept one seed, keyed ``ARCH``:
+    those are seed 0."""
+    finals = results.setdefault("final", {})
+    for key in [k for k in finals if "/s" not in k]:
+        finals[f"{key}/s0"] = finals.pop(key)
+    return finals
+
+
+def _tau(x, y) -> tuple[float, float, float]:
+    """Kendall tau of ``x`` against ``y`` and its bootstrap 95% interval over the pairs."""
+    tau = kendalltau(x, y).statistic
+    ci = bootstrap((np.asarray(x, float), np.asarray(y, float)),
+                   lambda a, b: kendalltau(a, b).statistic, paired=True, vectorized=False,
+                   n_resamples=2000, method="percentile",
+                   rng=np.random.default_rng(0)).confidence_interval
+    return float(tau), float(ci.low), float(ci.high)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--speedup", type=float, default=4.0)
-    ap.add_argument("--n", type=int, default=12)
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="seeds of the final recipe (a proxy is ranked against their mean)")
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="which architectures are drawn")
     ap.add_argument("--work", default="runs/bench_proxy_fidelity")
@@ -86,12 +113,16 @@ def main() -> int:
     results.setdefault("seconds", {}).setdefault("prepare", time.perf_counter() - t0)
     dist = prepare(load_config(args.config, [*over, "proxy.kind=distill", "proxy.steps=200"]),
                    progress=False)
-    if "archs" not in results:
+    if len(results.get("archs", [])) < args.n:
         archs, target, pool = band(run, args.speedup, args.n, args.seed)
+        had = results.get("archs", [])
+        if [a.to_dict() for a in archs[:len(had)]] != had:
+            raise SystemExit(f"{work / 'results.json'} holds architectures this draw does not "
+                             "(another --seed, --speedup or latency table): use another --work")
         results["archs"] = [a.to_dict() for a in archs]
         results["band"] = {"target_ms": target, "candidates_in_band": pool}
         save()
-    archs = [ArchConfig.from_dict(d) for d in results["archs"]]
+    archs = [ArchConfig.from_dict(d) for d in results["archs"][:args.n]]
     target = results["band"]["target_ms"]
     scores = results.setdefault("scores", {})
 
@@ -110,22 +141,24 @@ def main() -> int:
             result, _ = proxy.evaluate(a, progress=False)
             scores[key] = {"score": result.score, "seconds": time.perf_counter() - t0}
             save()
-    finals = results.setdefault("final", {})
-    for a in archs:
-        if a.name not in finals and args.here is None:
-            t0 = time.perf_counter()
-            rep = distill(run, a, work / "distilled" / a.name, label=a.name)
-            finals[a.name] = {"test": rep["student"]["test"]["accuracy"],
-                              "seconds": time.perf_counter() - t0}
-            save()
+    finals = finals_by_seed(results)
+    for seed in args.seeds:
+        for a in archs:
+            unit = f"{a.name}/s{seed}"
+            if unit not in finals and args.here is None:
+                finals[unit] = distill_seed(run, a, work / "distilled" / unit.replace("/", "_"),
+                                            seed, label=unit)
+                save()
 
-    missing = [a.name for a in archs if a.name not in finals] + [
+    missing = [f"{a.name}/s{s}" for s in args.seeds for a in archs
+               if f"{a.name}/s{s}" not in finals] + [
         k for k in (f"{n}/{a.name}" for n in proxies for a in archs) if k not in scores]
     if missing:
         print(f"{len(missing)} scores still to do ({', '.join(missing[:4])}, ...); rerun without "
               "--here, or finish them with benchmarks/on_device.py")
         return 0
-    final = [finals[a.name]["test"] for a in archs]
+    per_seed = {s: [finals[f"{a.name}/s{s}"]["test"] for a in archs] for s in args.seeds}
+    final = [statistics.mean(v) for v in zip(*per_seed.values())]
     ranks = {name: [scores[f"{name}/{a.name}"]["score"] for a in archs] for name in proxies}
     # non-embedding parameters: the encoder layers actually stored (shared ones once)
     ranks["params"] = [(a.num_hidden_groups if a.is_albert else a.num_layers) * a.layer_params()
@@ -138,28 +171,41 @@ def main() -> int:
                        for i in range(len(archs))]
     lo, hi = 0.85 * target, 1.15 * target
     records, rows = [], []
-    for name, vals in ranks.items():
-        tau = kendalltau(vals, final).statistic
-        records.append({"proxy": name, "tau": tau, "n": len(archs),
-                        "latency_band_ms": [lo, hi], "default": name == DEFAULT})
+    taus = {name: _tau(vals, final) for name, vals in ranks.items()}
+    if len(args.seeds) > 1:  # the ceiling: the final recipe itself, at one seed
+        rest = {s: [statistics.mean(per_seed[t][i] for t in args.seeds if t != s)
+                    for i in range(len(archs))] for s in args.seeds}
+        taus["final, another seed"] = tuple(
+            statistics.mean(_tau(per_seed[s], rest[s])[j] for s in args.seeds) for j in range(3))
+    for name, (tau, low, high) in taus.items():
+        records.append({"proxy": name, "tau": tau, "tau_ci95": [low, high], "n": len(archs),
+                        "latency_band_ms": [lo, hi], "default": name == DEFAULT,
+                        "final_seeds": args.seeds})
         cost = sum(scores[f"{name}/{a.name}"]["seconds"] for a in archs) \
             if name in proxies else None
         where = {scores[f"{name}/{a.name}"].get("device", "cpu") for a in archs} \
             if name in proxies else {"-"}
-        rows.append([name, f"{tau:.3f}", str(len(archs)),
+        rows.append([name, f"{tau:.3f}", f"{low:.2f} to {high:.2f}", str(len(archs)),
                      "-" if cost is None else f"{cost / len(archs):.1f}", ", ".join(where),
                      "yes" if name == DEFAULT else ""])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "proxy_fidelity.json").write_text(json.dumps(records, indent=1) + "\n")
     print(f"\n{cpu_name()}; {len(archs)} architectures predicted within {lo:.2f}-{hi:.2f} ms "
           f"(4x budget {target:.2f} ms; {results['band']['candidates_in_band']} in the band)")
-    print(text_table(["proxy", "Kendall tau vs final test", "n", "s per candidate", "trained on",
-                      "default"], rows))
-    devices = {f.get("device", "cpu") for f in finals.values()}
-    print("final recipe (search_vs_hand's, seed 0) trained on: " + ", ".join(devices))
-    for a, f in zip(archs, final):
-        print(f"  {a.name:<26} final test {f:.4f}  " + "  ".join(
-            f"{n} {scores[f'{n}/{a.name}']['score']:.4f}" for n in proxies))
+    print(text_table(["proxy", "Kendall tau vs final test", "95% interval", "n",
+                      "s per candidate", "trained on", "default"], rows))
+    devices = {finals[f"{a.name}/s{s}"].get("device", "cpu") for a in archs for s in args.seeds}
+    print(f"final recipe (search_vs_hand's, seeds {args.seeds}; test mean ± std) trained on: "
+          + ", ".join(sorted(devices)))
+    for i, a in enumerate(archs):
+        sd = statistics.stdev(per_seed[s][i] for s in args.seeds) if len(args.seeds) > 1 else 0
+        print(f"  {a.name:<26} {run.latency.ms(a):.2f} ms  final test {final[i]:.4f} ± {sd:.4f}  "
+              + "  ".join(f"{n} {scores[f'{n}/{a.name}']['score']:.4f}" for n in proxies))
+    fit = [i for i, a in enumerate(archs) if run.latency.ms(a) <= target]
+    if fit:
+        best = max(fit, key=lambda i: final[i])
+        print(f"best final of the {len(fit)} predicted within the 4x budget ({target:.2f} ms): "
+              f"{archs[best].name} {final[best]:.4f}")
     return 0
 
 
