@@ -26,9 +26,16 @@ from layers spread over the teacher's depth) with each of ``--seeds``. One laten
 size measures every student and the teacher alternating (median of ``--sweeps``); ``fits`` is
 that measurement against the budget.
 
+The searched students of ``LAYER_VARIANTS`` are also finished from the teacher's first k layers
+where that start differs from the default one (the same recipe and seeds; printed above the
+table, records in
+``benchmarks/results/search_vs_hand.layers.json``): whether the start a student is given, not
+its architecture, is what separates it from the hand-designed first layer.
+
 Resumable: each search, and each (student, seed), is written to ``--work``/results.json when
 done and skipped on rerun, so the benchmark can span sittings (the distillations are most of its
-time: see ``--distill-only`` to run a subset). Prints one table and writes
+time: see ``--distill-only`` to run a subset; ``--repeat`` trains students again on this machine,
+where the table's runs came from another device). Prints one table and writes
 ``benchmarks/results/search_vs_hand.json``: records ``task``, ``budget``, ``student``, ``kind``
 (search or hand), ``fits``, ``arch``, ``latency_ms``, ``speedup``, ``seed``, ``test_score``,
 ``teacher_test_score``.
@@ -64,6 +71,7 @@ from tacnas.nas.report import table as text_table
 from tacnas.nas.strategy import search
 from tacnas.nas.study import best_trial, create_or_load, default_storage
 from tacnas.searchspace.arch import ArchConfig
+from tacnas.searchspace.build import group_layers, select_layers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_DATA = ["task.max_train_samples=null", "distill.epochs=2", "distill.eval_every=200"]
@@ -84,6 +92,11 @@ SEARCHES = {
     "differentiable-b0.9": ["search.strategy=differentiable", "differentiable.arch_beta1=0.9"],
 }
 SEARCH_ONLY = {"differentiable-b0.9"}  # their entropies are reported, their students not finished
+# searched students finished a second time from the teacher's first k layers (the hand
+# first-layer student's start) instead of layers spread over its depth: does the start matter?
+# (only where the two starts differ: a student whose layers share one group starts from the
+# teacher's first layer either way)
+LAYER_VARIANTS = ("4x@1/tpe", "4x@1/differentiable", "8x@1/tpe", "8x@1/differentiable")
 RESCORES = {"tpe-rescored": "tpe"}  # starts from a copy of that search's finished study
 log = logging.getLogger("search_vs_hand")
 
@@ -130,6 +143,65 @@ def ident_of(st: dict) -> tuple[ArchConfig, str]:
     return a, a.name + ("" if st["layers"] is None else "-T" + "".join(map(str, st["layers"])))
 
 
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def layer_rows(students: dict, variants: dict, units: dict, seeds: list[int],
+               n_teacher: int) -> None:
+    """Print (and write) each searched student from its default start against the same student
+    from the teacher's first k layers, where every seed of both is in."""
+    records, rows = [], []
+    for key, var in variants.items():
+        st = students[key]
+        pair = [(ident_of(st)[1], None), (ident_of(var)[1], var["layers"])]
+        if any(f"{ident}/s{s}" not in units for ident, _ in pair for s in seeds):
+            continue
+        arch = ArchConfig.from_dict(st["arch"])
+        teacher_layers = select_layers(n_teacher, arch.num_layers)
+        means = []
+        for (ident, layers), start in zip(pair, ("spread", "first-k")):
+            scores = [units[f"{ident}/s{s}"]["test"] for s in seeds]
+            for s, v in zip(seeds, scores):
+                records.append({"budget": key.split("/")[0], "student": key.split("/")[1],
+                                "arch": arch.name, "start": start,
+                                "teacher_layers": layers or teacher_layers, "seed": s,
+                                "test_score": v})
+            means.append((statistics.mean(scores), _sd(scores)))
+        devices = {units[f"{i}/s{s}"].get("device", "cpu") for i, _ in pair for s in seeds}
+        rows.append([key, arch.name, f"{teacher_layers}", f"{means[0][0]:.4f} ± {means[0][1]:.4f}",
+                     f"{var['layers']}", f"{means[1][0]:.4f} ± {means[1][1]:.4f}",
+                     f"{100 * (means[1][0] - means[0][0]):+.2f}", ", ".join(sorted(devices))])
+    if rows:
+        (RESULTS / "search_vs_hand.layers.json").write_text(json.dumps(records, indent=1) + "\n")
+        print("\nthe teacher layers a searched student starts from (the same recipe and seeds):")
+        print(text_table(["student", "architecture", "spread (default)", "test mean ± std",
+                          "first k", "test mean ± std", "first k - spread (points)",
+                          "trained on"], rows))
+
+
+def device_rows(repeats: dict, units: dict) -> None:
+    """The same (student, seed) trainings run twice (on one device or two): ``repeats`` holds
+    the second run's results, keyed as ``units``."""
+    by_ident = {}
+    for key, other in repeats.items():
+        ident = key.rpartition("/s")[0]
+        if key in units:
+            by_ident.setdefault(ident, []).append((units[key], other))
+    rows = []
+    for ident, pairs in by_ident.items():
+        a = [p[0]["test"] for p in pairs]
+        b = [p[1]["test"] for p in pairs]
+        rows.append([ident, str(len(pairs)), pairs[0][0].get("device", "cpu"),
+                     f"{statistics.mean(a):.4f} ± {_sd(a):.4f}",
+                     pairs[0][1].get("device", "cpu"), f"{statistics.mean(b):.4f} ± {_sd(b):.4f}",
+                     f"{100 * (statistics.mean(b) - statistics.mean(a)):+.2f}"])
+    if rows:
+        print("\nthe same trainings (recipe, seeds, teacher start) run twice:")
+        print(text_table(["student", "seeds", "in the table", "test mean ± std", "again on",
+                          "test mean ± std", "difference (points)"], rows))
+
+
 def _teacher(run) -> ArchConfig:
     from tacnas.evaluators.latency_table import teacher_arch
 
@@ -146,6 +218,9 @@ def main() -> int:
     ap.add_argument("--diff-steps", type=int, default=600)
     ap.add_argument("--work", default="runs/bench_search_vs_hand")
     ap.add_argument("--sweeps", type=int, default=5)
+    ap.add_argument("--repeat", nargs="*", metavar="BUDGET/STUDENT",
+                    help="train these students' seeds again here (printed beside the table's: "
+                         "the same training on two devices)")
     ap.add_argument("--distill-only", nargs="*", metavar="BUDGET/STUDENT",
                     help="finish only these students (e.g. 4x@1/tpe); the table waits for all")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -201,13 +276,23 @@ def main() -> int:
             students.setdefault(f"{b}/{fam}", {"arch": arch.to_dict(), "layers": layers,
                                                "kind": "hand", "table_fits": fits})
         save()
+    variants = results.setdefault("variants", {})  # "4x@1/tpe" -> the same, first k layers
+    n_teacher = run_for(1).teacher.model.config.num_hidden_layers
+    for key in LAYER_VARIANTS:
+        if key in students and key not in variants:
+            arch = ArchConfig.from_dict(students[key]["arch"])
+            first = list(range(arch.num_layers))
+            if group_layers(arch, first) != group_layers(arch, select_layers(n_teacher,
+                                                                             arch.num_layers)):
+                variants[key] = {**students[key], "layers": first}
+    save()
 
     # the same final recipe for every (student, seed); a student shared by two budgets is
-    # trained once
+    # trained once; the layer variants after the students
     units = results.setdefault("units", {})
     wanted = set(args.distill_only) if args.distill_only else None
     for seed in args.seeds:
-        for key, st in students.items():
+        for key, st in [*students.items(), *((f"{k}@first-k", v) for k, v in variants.items())]:
             b = key.split("/")[0]
             if b not in args.budgets or (wanted is not None and key not in wanted):
                 continue
@@ -220,6 +305,19 @@ def main() -> int:
                                        label=unit, layers=st["layers"])
             save()
             print(f"{key} seed {seed}: test {units[unit]['test']:.4f}", flush=True)
+    # the same trainings again on this machine (where the table's came from another device)
+    repeats = results.setdefault("repeats", {})
+    for key in args.repeat or []:
+        if key not in students:
+            raise SystemExit(f"--repeat {key}: no such student (BUDGET/STUDENT, e.g. 4x@1/tpe)")
+        arch, ident = ident_of(students[key])
+        for seed in args.seeds:
+            unit = f"{ident}/s{seed}"
+            if unit not in repeats:
+                repeats[unit] = distill_seed(run_for(parse_budget(key.split("/")[0])[1]), arch,
+                                             work / "repeats" / unit.replace("/", "_"), seed,
+                                             label=f"again {unit}", layers=students[key]["layers"])
+                save()
 
     # one latency pass per batch size, once every unit is in
     missing = [f"{ident_of(st)[1]}/s{s}" for k, st in students.items() for s in args.seeds
@@ -237,6 +335,8 @@ def main() -> int:
                                           args.sweeps)
             lat[str(batch)] = {"ms": ms, "teacher_ms": teacher_ms}
             save()
+    layer_rows(students, variants, units, args.seeds, n_teacher)
+    device_rows(results.get("repeats", {}), units)
 
     records, rows, by_budget = [], [], {}
     order = {b: i for i, b in enumerate(args.budgets)}  # rows by budget, searches first
