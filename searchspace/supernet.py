@@ -260,9 +260,14 @@ class Supernet(nn.Module):
 
     def gated_forward(self, gates: dict[str, torch.Tensor], input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None,
-                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      token_type_ids: torch.Tensor | None = None, *,
+                      layer_probs: torch.Tensor | None = None,
+                      skip_below: float = 0.0) -> torch.Tensor:
         """Logits of the supernet under ``gates`` (one vector per ``dims()`` entry, summing to
-        one; the chosen architecture is each vector's argmax)."""
+        one; the chosen architecture is each vector's argmax). With ``layer_probs`` (the
+        probability of each ``num_layers`` choice), a layer the chosen architecture does not run
+        is skipped where the choices that run it hold less than ``skip_below`` together: with
+        hard gates its output is multiplied by zero anyway, so only their gradient is lost."""
         from transformers.activations import ACT2FN
 
         act = ACT2FN[self.teacher_config.hidden_act]
@@ -309,8 +314,11 @@ class Supernet(nn.Module):
         layers = arch.num_layers
         active = select_layers(self.max_layers, layers)
         for i in range(self.max_layers):
-            gate = sum(g * float(i in select_layers(self.max_layers, n))
-                       for g, n in zip(gates["num_layers"], sp.num_layers))
+            uses = [float(i in select_layers(self.max_layers, n)) for n in sp.num_layers]
+            if layer_probs is not None and i not in active and \
+                    float(sum(p * u for p, u in zip(layer_probs, uses))) < skip_below:
+                continue
+            gate = sum(g * u for g, u in zip(gates["num_layers"], uses))
             j = active.index(i) if i in active else None
             weights = {}
             for key in _LAYER_KEYS:  # the sharing groups choose whose weights layer i runs

@@ -129,3 +129,28 @@ def test_gated_forward_at_one_hot_gates_is_the_slice(random_teacher, arch):
     got.square().sum().backward()  # every choice's gate of a gated dimension hears the loss
     for name in ("num_layers", "hidden_size", "intermediate_size", "embedding_size"):
         assert (gates[name].grad != 0).sum() >= 2, (name, gates[name].grad)
+
+
+def test_a_gated_forward_skips_only_layers_that_unlikely_choices_run(random_teacher):
+    """With the 1-layer choice nearly certain, the 4-layer choice's extra layers are skipped:
+    the logits are the same, the likely choices' gradients too; only the 4-layer gate's
+    gradient loses those layers (and the layers' weights get none)."""
+    net = Supernet(SPACE, random_teacher).eval()
+    arch = ArchConfig(1, 64, 4, 128, 64, 1)
+    x = _inputs()
+    likely = torch.tensor([0.98, 0.015, 0.005])  # num_layers (1, 2, 4)
+    runs = []
+    for skip in (0.0, 0.01):
+        net.zero_grad()
+        gates = _one_hot(net, arch)
+        out = net.gated_forward(gates, **x, layer_probs=likely, skip_below=skip)
+        out.square().sum().backward()
+        runs.append((out.detach(), gates["num_layers"].grad.clone(),
+                     [layer.q_w.grad for layer in net.layers]))
+    (full, g_full, w_full), (skipped, g_skip, w_skip) = runs
+    torch.testing.assert_close(skipped, full)
+    # 1 and 2 layers (0.98 + 0.015 run the teacher's first and last) keep their gradient
+    torch.testing.assert_close(g_skip[:2], g_full[:2])
+    assert g_skip[2] != g_full[2]  # the 4-layer choice lost its middle layers' signal
+    assert all(w is not None for w in w_full)
+    assert w_skip[1] is None and w_skip[2] is None  # the middle layers did not run
