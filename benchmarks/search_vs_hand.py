@@ -10,10 +10,13 @@ seq_len 64, 2 threads, this machine. Per budget:
 - ``tpe-rescored``: a copy of that TPE study, its 4 best re-scored by the 800-step distillation
   proxy (``search.rescore_top_k``), the best by that score kept,
 - ``differentiable``: the Gumbel-softmax search over the supernet (``--diff-steps``) at its
-  defaults (``arch_lr`` 0.1, the expected hinge as its latency term); ``differentiable-alr0.01``
-  at its earlier defaults (``arch_lr`` 0.01, the hinge of the expected latency) and
-  ``differentiable-alr0.1-hoe`` those at ``arch_lr`` 0.1; ``differentiable-b0.9`` the defaults
-  with Adam's beta1 0.9 for the logits, for its convergence only (its student is not finished),
+  defaults (``arch_lr`` 0.1, the expected hinge as its latency term, architecture steps that
+  skip the layers only unlikely layer counts run); ``differentiable-noskip`` the same with every
+  layer in every architecture step (``skip_below`` 0, as all the rows below);
+  ``differentiable-alr0.01`` at its earlier defaults (``arch_lr`` 0.01, the hinge of the
+  expected latency) and ``differentiable-alr0.1-hoe`` those at ``arch_lr`` 0.1;
+  ``differentiable-b0.9`` the no-skip defaults with Adam's beta1 0.9 for the logits, for its
+  convergence only (its student is not finished),
 - hand-designed students, each family's fastest member that fits the budget under the latency
   table (or, where none fits, its fastest member, marked as not fitting): the teacher's first k
   layers; every other layer (a stride of 6/k); the whole teacher uniformly narrowed (hidden and
@@ -79,24 +82,30 @@ SEARCHES = {
     "tpe": [],  # the config's default sampler and proxy
     # the same TPE trials, then multi-fidelity: its 4 best re-scored by 800 distillation steps
     "tpe-rescored": ["search.rescore_top_k=4", "search.rescore_steps=800"],
-    # the differentiable search at its defaults (arch_lr 0.1, the expected hinge)
+    # the differentiable search at its defaults (arch_lr 0.1, the expected hinge, architecture
+    # steps that skip the layers only unlikely layer counts run)
     "differentiable": ["search.strategy=differentiable"],
+    # the same without that skip (every architecture step runs every supernet layer)
+    "differentiable-noskip": ["search.strategy=differentiable", "differentiable.skip_below=0"],
     # its earlier defaults: arch_lr 0.01 and the hinge of the expected latency ...
     "differentiable-alr0.01": ["search.strategy=differentiable", "differentiable.arch_lr=0.01",
-                               "differentiable.latency_loss=hinge_of_expected"],
+                               "differentiable.latency_loss=hinge_of_expected",
+                               "differentiable.skip_below=0"],
     # ... and those at 10x the architecture learning rate
     "differentiable-alr0.1-hoe": ["search.strategy=differentiable", "differentiable.arch_lr=0.1",
-                                  "differentiable.latency_loss=hinge_of_expected"],
-    # the defaults with Adam's beta1 0.9 for the logits (the samples' noise averaged, not
-    # followed): measured for convergence only (SEARCH_ONLY)
-    "differentiable-b0.9": ["search.strategy=differentiable", "differentiable.arch_beta1=0.9"],
+                                  "differentiable.latency_loss=hinge_of_expected",
+                                  "differentiable.skip_below=0"],
+    # the defaults without the skip, with Adam's beta1 0.9 for the logits (the samples' noise
+    # averaged, not followed): measured for convergence only (SEARCH_ONLY)
+    "differentiable-b0.9": ["search.strategy=differentiable", "differentiable.arch_beta1=0.9",
+                            "differentiable.skip_below=0"],
 }
 SEARCH_ONLY = {"differentiable-b0.9"}  # their entropies are reported, their students not finished
 # searched students finished a second time from the teacher's first k layers (the hand
 # first-layer student's start) instead of layers spread over its depth: does the start matter?
 # (only where the two starts differ: a student whose layers share one group starts from the
 # teacher's first layer either way)
-LAYER_VARIANTS = ("4x@1/tpe", "4x@1/differentiable", "8x@1/tpe", "8x@1/differentiable")
+LAYER_VARIANTS = ("4x@1/tpe", "4x@1/differentiable", "8x@1/tpe", "8x@1/differentiable-noskip")
 RESCORES = {"tpe-rescored": "tpe"}  # starts from a copy of that search's finished study
 log = logging.getLogger("search_vs_hand")
 
