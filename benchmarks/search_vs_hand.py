@@ -286,7 +286,9 @@ def main() -> int:
                                                "kind": "hand", "table_fits": fits})
         save()
     variants = results.setdefault("variants", {})  # "4x@1/tpe" -> the same, first k layers
-    n_teacher = run_for(1).teacher.model.config.num_hidden_layers
+    # the teacher is the same at every batch size: any prepared run's (no batch-1 run prepared
+    # for a batch-32-only sitting)
+    n_teacher = run_for(parse_budget(args.budgets[0])[1]).teacher.model.config.num_hidden_layers
     for key in LAYER_VARIANTS:
         if key in students and key not in variants:
             arch = ArchConfig.from_dict(students[key]["arch"])
@@ -366,7 +368,7 @@ def main() -> int:
                             "kind": st["kind"], "fits": sp >= speedup, "arch": a.name,
                             "latency_ms": ms, "speedup": sp, "seed": s, "test_score": u["test"],
                             "teacher_test_score": u["teacher_test"]})
-        mean, sd = statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+        mean, sd = statistics.mean(scores), _sd(scores)
         teacher = records[-1]["teacher_test_score"]
         by_budget.setdefault(b, []).append((student, st["kind"], sp >= speedup, mean, sd))
         rows.append([b, student, st["kind"], a.name, f"{ms:.2f}", f"{sp:.2f}x",
