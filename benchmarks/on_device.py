@@ -41,26 +41,33 @@ SPLITS = ("train", "dev", "test")
 
 
 # ---------------------------------------------------------------------------------------- pack
-def _units(svh: dict, fid: dict) -> list[dict]:
+def _units(svh: dict, fid: dict, recipe: str = "kd2", budgets=None) -> list[dict]:
     """Every unit the two benchmarks still miss, seed 0 of everything first (a cut run then
-    leaves whole seeds rather than whole students undone)."""
+    leaves whole seeds rather than whole students undone). Under another ``recipe`` than the
+    default: search_vs_hand's students at ``budgets`` only (bench ``search_vs_hand.RECIPE``)."""
     from proxy_fidelity import finals_by_seed
-    from search_vs_hand import ident_of
+    from search_vs_hand import DEFAULT_RECIPE, ident_of, recipe_units
 
     from tacnas.searchspace.arch import ArchConfig
 
     finals = finals_by_seed(fid)
+    other = recipe != DEFAULT_RECIPE
+    done = recipe_units(svh, recipe)
+    bench = f"search_vs_hand.{recipe}" if other else "search_vs_hand"
     out, seen = [], set()
     for seed in (0, 1, 2):
-        for st in [*svh.get("students", {}).values(), *svh.get("variants", {}).values()]:
+        for key, st in [*svh.get("students", {}).items(),
+                        *(() if other else svh.get("variants", {}).items())]:
+            if budgets and key.split("/")[0] not in budgets:
+                continue
             arch, ident = ident_of(st)
             key = f"{ident}/s{seed}"
-            if key in seen or key in svh.get("units", {}):
+            if key in seen or key in done:
                 continue
             seen.add(key)
-            out.append({"bench": "search_vs_hand", "key": key, "what": "final",
+            out.append({"bench": bench, "key": key, "what": "final",
                         "arch": arch.to_dict(), "layers": st["layers"], "seed": seed})
-        for a in fid.get("archs", []):
+        for a in ([] if other else fid.get("archs", [])):
             name = ArchConfig.from_dict(a).name
             if f"{name}/s{seed}" not in finals:
                 out.append({"bench": "proxy_fidelity", "key": f"{name}/s{seed}",
@@ -76,15 +83,15 @@ def _units(svh: dict, fid: dict) -> list[dict]:
 
 def pack(args) -> int:
     from real_task import resumable
-    from search_vs_hand import FULL_DATA
+    from search_vs_hand import FULL_DATA, RECIPES
 
     from tacnas.nas.config import load_config
     from tacnas.nas.pipeline import prepare
 
     _, svh, _ = resumable(args.svh_work)
     _, fid, _ = resumable(args.fidelity_work)
-    units = _units(svh, fid)
-    over = [*FULL_DATA, *args.set, "proxy.kind=distill", "proxy.steps=200",
+    units = _units(svh, fid, args.recipe, args.budgets)
+    over = [*FULL_DATA, *RECIPES[args.recipe], *args.set, "proxy.kind=distill", "proxy.steps=200",
             "budget.latency=measure"]  # no latency here: the table is not needed
     run = prepare(load_config(args.config, over), progress=True)
     bundle = Path(args.bundle)
@@ -118,9 +125,9 @@ def pack(args) -> int:
     }
     (bundle / "meta.json").write_text(json.dumps(meta, indent=1))
     size = sum(f.stat().st_size for f in bundle.iterdir()) / 2 ** 20
-    print(f"{len(units)} units packed into {bundle} ({size:.1f} MiB): "
+    print(f"{len(units)} units packed into {bundle} ({size:.1f} MiB; recipe {args.recipe}): "
           + ", ".join(f"{sum(u['bench'] == b for u in units)} {b}"
-                      for b in ("search_vs_hand", "proxy_fidelity")))
+                      for b in sorted({u["bench"] for u in units})))
     return 0
 
 
@@ -233,6 +240,7 @@ def run_units(args) -> int:
 def ingest(args) -> int:
     from proxy_fidelity import finals_by_seed
     from real_task import resumable
+    from search_vs_hand import DEFAULT_RECIPE, recipe_units
 
     _, svh, save_svh = resumable(args.svh_work)
     _, fid, save_fid = resumable(args.fidelity_work)
@@ -244,8 +252,9 @@ def ingest(args) -> int:
             print(f"not ingested: {r['bench']} {r['key']}: {r['error']}")
             continue
         res = r["result"]
-        if r["bench"] == "search_vs_hand":
-            svh.setdefault("units", {})[r["key"]] = res
+        if r["bench"].startswith("search_vs_hand"):  # search_vs_hand[.RECIPE]
+            recipe = r["bench"].partition(".")[2] or DEFAULT_RECIPE
+            recipe_units(svh, recipe)[r["key"]] = res
         elif r["what"] == "final":
             finals_by_seed(fid)[r["key"]] = res
         else:
@@ -269,6 +278,9 @@ def main() -> int:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--bundle", default="gpu_bundle")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--recipe", default="kd2", help="search_vs_hand's RECIPES: another than kd2 "
+                   "packs that recipe's search_vs_hand units only")
+    p.add_argument("--budgets", nargs="*", default=None, help="only these budgets' students")
     sub.choices["ingest"].add_argument("--results", required=True)
     p = sub.add_parser("run")
     p.add_argument("--bundle", default="gpu_bundle")
