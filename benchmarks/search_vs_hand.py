@@ -98,6 +98,8 @@ SEARCHES = {
     "differentiable": ["search.strategy=differentiable"],
     # the same without that skip (every architecture step runs every supernet layer)
     "differentiable-noskip": ["search.strategy=differentiable", "differentiable.skip_below=0"],
+    # with AdaBERT's size term (a pull towards fewer parameters) besides the latency hinge
+    "differentiable-size0.1": ["search.strategy=differentiable", "differentiable.size_weight=0.1"],
     # its earlier defaults: arch_lr 0.01 and the hinge of the expected latency ...
     "differentiable-alr0.01": ["search.strategy=differentiable", "differentiable.arch_lr=0.01",
                                "differentiable.latency_loss=hinge_of_expected",

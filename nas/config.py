@@ -224,6 +224,10 @@ class DifferentiableConfig:
     # its value is unchanged, only those unlikely choices lose that layer's gradient (on tweets:
     # the same 4x student in 224 s instead of 357, 8x in 178 s instead of 328)
     skip_below: float = Field(0.01, ge=0, lt=1)
+    # AdaBERT's size term: + size_weight * E[parameters] / the teacher's parameters in every
+    # architecture step, a linear pull towards smaller models that decides the dimensions the
+    # latency and KD losses leave tied (embedding width, cross-layer sharing)
+    size_weight: float = Field(0.0, ge=0)
     floor_candidates: int = Field(8, ge=1)  # under budget.min_retention: likely ones scored
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)

@@ -48,7 +48,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import optuna
 import torch
@@ -84,24 +84,29 @@ class ExpectedLatency:
 
     def __init__(self, table: LatencyTable, space: SearchSpace):
         self.dims: list[tuple[str, tuple]] = list(space.choices().items())
+        self.space = space
+        self.grid = self.grid_of(table.predict_ms)
+
+    def grid_of(self, fn: Callable[[ArchConfig], float]) -> torch.Tensor:
+        """``fn`` of every combination of choices (the largest value where the combination is
+        not an architecture), shaped for ``__call__``'s ``grid``."""
         values, valid = [], []
         for combo in itertools.product(*(c for _, c in self.dims)):
             d = dict(zip((n for n, _ in self.dims), combo))
             layers, hidden, ffn = d["num_layers"], d["hidden_size"], d["intermediate_size"]
-            heads = d.get("num_heads") or hidden // (space.head_size or 1)
+            heads = d.get("num_heads") or hidden // (self.space.head_size or 1)
             emb = hidden if d["embedding_size"] == HIDDEN else d["embedding_size"]
             groups = layers if d["num_hidden_groups"] == ALL else d["num_hidden_groups"]
             ok = emb <= hidden and layers % groups == 0 and hidden % heads == 0
             if ok:
-                arch = ArchConfig(layers, hidden, heads, ffn, emb, groups)
-                values.append(table.predict_ms(arch))
+                values.append(fn(ArchConfig(layers, hidden, heads, ffn, emb, groups)))
             else:
                 values.append(math.nan)
             valid.append(ok)
         grid = torch.tensor(values, dtype=torch.float64)
         worst = grid[torch.tensor(valid)].max() if any(valid) else torch.tensor(0.0)
         grid = torch.where(torch.tensor(valid), grid, worst)
-        self.grid = grid.reshape([len(c) for _, c in self.dims])
+        return grid.reshape([len(c) for _, c in self.dims])
 
     @property
     def names(self) -> list[str]:
@@ -215,6 +220,8 @@ class _Search:
     opt_a: torch.optim.Optimizer
     folder: object
     state: dict
+    size: torch.Tensor | None = None  # parameters / the teacher's, per combination
+
 
     def save(self) -> None:
         save_checkpoint(self.folder, modules={"supernet": self.net, "arch": self.alpha},
@@ -235,7 +242,9 @@ def _start(run: Run, study: optuna.Study) -> _Search:
         net, alpha, expected, torch.optim.AdamW(net.parameters(), lr=d.lr, weight_decay=0.01),
         torch.optim.Adam(alpha.parameters(), lr=d.arch_lr, betas=(d.arch_beta1, 0.999)),
         run_folder(run.cfg.run_dir, study.study_name) / "checkpoints" / "differentiable",
-        {"step": 0, "arch_steps": 0, "history": [], "seconds": 0.0})
+        {"step": 0, "arch_steps": 0, "history": [], "seconds": 0.0},
+        expected.grid_of(lambda a: run.params_of(a) / run.teacher_params) if d.size_weight
+        else None)
     saved = resume(search.folder, modules={"supernet": net, "arch": alpha},
                    objects={"opt_w": search.opt_w, "opt_a": search.opt_a})
     if saved is not None:
@@ -280,7 +289,10 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
         l_lat = s.expected(probs, s.expected.over(budget_ms / run.latency.scale))
     else:  # max(0, E[lat] / budget - 1)
         l_lat = torch.relu(e_lat / budget_ms - 1.0)
-    optimizer_step(l_kd + d.latency_weight * l_lat, s.opt_a, max_norm=None,
+    # AdaBERT's efficiency loss also charges model size: a pull towards fewer parameters, which
+    # decides what latency and KD leave tied (embedding width, sharing)
+    l_size = d.size_weight * s.expected(probs, s.size) if s.size is not None else 0.0
+    optimizer_step(l_kd + d.latency_weight * l_lat + l_size, s.opt_a, max_norm=None,
                    lr_key="differentiable.arch_lr")
     s.opt_w.zero_grad(set_to_none=True)  # the weights are not moved by dev data
     return {**out, "kd_dev": l_kd.detach().item(), "expected_ms": e_lat.detach().item()}

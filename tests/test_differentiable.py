@@ -101,6 +101,32 @@ def test_the_expected_hinge_moves_a_search_under_its_budget(diff_run):
     assert out["latency_ms"] <= out["budget_ms"]
 
 
+def test_the_size_term_pulls_towards_fewer_parameters(diff_run):
+    """``size_weight``: the expected parameter count (over the teacher's) falls, the embedding
+    narrows, where the latency hinge exerts no pull (the whole space is within the budget)."""
+    cfg, run = diff_run("differentiable.size_weight=20", "differentiable.arch_lr=0.3")
+    run.meter.close()
+    space = run.space
+    expected = ExpectedLatency(run.latency.table, space)
+    size = expected.grid_of(lambda a: run.params_of(a) / run.teacher_params)
+    # at one-hot distributions it is that architecture's parameter count
+    one_hot = {n: torch.nn.functional.one_hot(torch.tensor(len(c) - 1), len(c)).double()
+               for n, c in expected.dims}
+    largest = Supernet(space, run.teacher.model).arch_of({n: len(c) - 1
+                                                          for n, c in expected.dims})
+    assert float(expected(one_hot, size)) == pytest.approx(
+        run.params_of(largest) / run.teacher_params)
+    study = create_or_load("s", default_storage(cfg.run_dir, "s"), cfg)
+    differentiable_search(run, study)
+    history = json.loads((Path(cfg.run_dir) / "s" / "checkpoints" /
+                          "differentiable_history.json").read_text())
+    first, last = ({n: torch.tensor([h["probs"][n][str(c)] for c in ch])
+                    for n, ch in space.choices().items()} for h in (history[0], history[-1]))
+    assert float(expected(last, size)) < 0.9 * float(expected(first, size))
+    emb = history[-1]["probs"]["embedding_size"]
+    assert emb["16"] > emb["hidden"], emb
+
+
 @pytest.fixture
 def diff_run(project, monkeypatch):
     monkeypatch.chdir(project)
