@@ -41,7 +41,7 @@ SPLITS = ("train", "dev", "test")
 
 
 # ---------------------------------------------------------------------------------------- pack
-def _units(svh: dict, fid: dict, recipe: str = "kd2", budgets=None) -> list[dict]:
+def _units(svh: dict, fid: dict, recipe: str | None = None, budgets=None) -> list[dict]:
     """Every unit the two benchmarks still miss, seed 0 of everything first (a cut run then
     leaves whole seeds rather than whole students undone). Under another ``recipe`` than the
     default: search_vs_hand's students at ``budgets`` only (bench ``search_vs_hand.RECIPE``)."""
@@ -51,6 +51,7 @@ def _units(svh: dict, fid: dict, recipe: str = "kd2", budgets=None) -> list[dict
     from tacnas.searchspace.arch import ArchConfig
 
     finals = finals_by_seed(fid)
+    recipe = recipe or DEFAULT_RECIPE
     other = recipe != DEFAULT_RECIPE
     done = recipe_units(svh, recipe)
     bench = f"search_vs_hand.{recipe}" if other else "search_vs_hand"
@@ -61,11 +62,11 @@ def _units(svh: dict, fid: dict, recipe: str = "kd2", budgets=None) -> list[dict
             if budgets and key.split("/")[0] not in budgets:
                 continue
             arch, ident = ident_of(st)
-            key = f"{ident}/s{seed}"
-            if key in seen or key in done:
+            unit = f"{ident}/s{seed}"
+            if unit in seen or unit in done:
                 continue
-            seen.add(key)
-            out.append({"bench": bench, "key": key, "what": "final",
+            seen.add(unit)
+            out.append({"bench": bench, "key": unit, "what": "final",
                         "arch": arch.to_dict(), "layers": st["layers"], "seed": seed})
         for a in ([] if other else fid.get("archs", [])):
             name = ArchConfig.from_dict(a).name
@@ -83,15 +84,16 @@ def _units(svh: dict, fid: dict, recipe: str = "kd2", budgets=None) -> list[dict
 
 def pack(args) -> int:
     from real_task import resumable
-    from search_vs_hand import FULL_DATA, RECIPES
+    from search_vs_hand import DEFAULT_RECIPE, FULL_DATA, RECIPES
 
     from tacnas.nas.config import load_config
     from tacnas.nas.pipeline import prepare
 
     _, svh, _ = resumable(args.svh_work)
     _, fid, _ = resumable(args.fidelity_work)
-    units = _units(svh, fid, args.recipe, args.budgets)
-    over = [*FULL_DATA, *RECIPES[args.recipe], *args.set, "proxy.kind=distill", "proxy.steps=200",
+    recipe = args.recipe or DEFAULT_RECIPE
+    units = _units(svh, fid, recipe, args.budgets)
+    over = [*FULL_DATA, *RECIPES[recipe], *args.set, "proxy.kind=distill", "proxy.steps=200",
             "budget.latency=measure"]  # no latency here: the table is not needed
     run = prepare(load_config(args.config, over), progress=True)
     bundle = Path(args.bundle)
@@ -125,7 +127,7 @@ def pack(args) -> int:
     }
     (bundle / "meta.json").write_text(json.dumps(meta, indent=1))
     size = sum(f.stat().st_size for f in bundle.iterdir()) / 2 ** 20
-    print(f"{len(units)} units packed into {bundle} ({size:.1f} MiB; recipe {args.recipe}): "
+    print(f"{len(units)} units packed into {bundle} ({size:.1f} MiB; recipe {recipe}): "
           + ", ".join(f"{sum(u['bench'] == b for u in units)} {b}"
                       for b in sorted({u["bench"] for u in units})))
     return 0
@@ -278,8 +280,8 @@ def main() -> int:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--bundle", default="gpu_bundle")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--recipe", default="kd2", help="search_vs_hand's RECIPES: another than kd2 "
-                   "packs that recipe's search_vs_hand units only")
+    p.add_argument("--recipe", default=None, help="one of search_vs_hand's RECIPES (default: "
+                   "its default); another packs that recipe's search_vs_hand units only")
     p.add_argument("--budgets", nargs="*", default=None, help="only these budgets' students")
     sub.choices["ingest"].add_argument("--results", required=True)
     p = sub.add_parser("run")

@@ -420,10 +420,8 @@ def main() -> int:
             # a student joined after the pass: measure them all again, in one pass against the
             # teacher (ratios from two passes are not comparable); the earlier pass is kept
             if have:
-                old = results.setdefault("latency_earlier", {}).setdefault(str(batch), [])
-                if isinstance(old, dict):  # one earlier pass, as first stored
-                    old = results["latency_earlier"][str(batch)] = [old]
-                old.append(lat[str(batch)])
+                results.setdefault("latency_earlier", {}).setdefault(str(batch), []).append(
+                    lat[str(batch)])
             ms, teacher_ms = latency_pass(run_for(batch), sorted(archs, key=lambda a: a.name),
                                           args.sweeps)
             lat[str(batch)] = {"ms": ms, "teacher_ms": teacher_ms}

@@ -65,7 +65,7 @@ from tacnas.nas.pipeline import Run
 from tacnas.nas.record import WORKER, TrialRecord, TrialStatus
 from tacnas.nas.study import best_trial, checkpoint_dir, floor_unmet, run_folder
 from tacnas.searchspace.arch import ArchConfig, InvalidArch
-from tacnas.searchspace.space import ALL, HIDDEN, SearchSpace
+from tacnas.searchspace.space import SearchSpace
 from tacnas.searchspace.supernet import Supernet
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,15 @@ class ExpectedLatency:
         values, valid = [], []
         for combo in itertools.product(*(c for _, c in self.dims)):
             d = dict(zip((n for n, _ in self.dims), combo))
-            layers, hidden, ffn = d["num_layers"], d["hidden_size"], d["intermediate_size"]
-            heads = d.get("num_heads") or hidden // (self.space.head_size or 1)
-            emb = hidden if d["embedding_size"] == HIDDEN else d["embedding_size"]
-            groups = layers if d["num_hidden_groups"] == ALL else d["num_hidden_groups"]
-            ok = emb <= hidden and layers % groups == 0 and hidden % heads == 0
-            if ok:
-                values.append(fn(ArchConfig(layers, hidden, heads, ffn, emb, groups)))
-            else:
-                values.append(math.nan)
-            valid.append(ok)
+            hidden = d["hidden_size"]
+            try:
+                arch = self.space._resolve(
+                    d["num_layers"], hidden, d.get("num_heads") or hidden // self.space.head_size,
+                    d["intermediate_size"], d["embedding_size"], d["num_hidden_groups"])
+            except InvalidArch:
+                arch = None
+            values.append(math.nan if arch is None else fn(arch))
+            valid.append(arch is not None)
         grid = torch.tensor(values, dtype=torch.float64)
         worst = grid[torch.tensor(valid)].max() if any(valid) else torch.tensor(0.0)
         grid = torch.where(torch.tensor(valid), grid, worst)
@@ -221,7 +220,6 @@ class _Search:
     folder: object
     state: dict
     size: torch.Tensor | None = None  # parameters / the teacher's, per combination
-
 
     def save(self) -> None:
         save_checkpoint(self.folder, modules={"supernet": self.net, "arch": self.alpha},
