@@ -172,6 +172,10 @@ class DistillConfig:
     alpha_ce: float = Field(0.5, ge=0)
     hidden_weight: float = Field(0.0, ge=0)  # TinyBERT hidden-state transfer (0: off)
     attention_weight: float = Field(0.0, ge=0)  # TinyBERT attention-map transfer (0: off)
+    # the teacher layer each student layer is matched against by those two: "init" the one it
+    # starts from (the first-layer student: teacher layer 0), "uniform" TinyBERT's m * N / M
+    # (every student's last layer against the teacher's last one)
+    intermediate_map: Literal["init", "uniform"] = "init"
     eval_every: int = Field(200, ge=1)  # steps between dev scores (early stopping)
     patience: int = Field(5, ge=0)  # evaluations without improvement before stopping (0: never)
     checkpoint_every: int = Field(200, ge=1)

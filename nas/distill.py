@@ -5,9 +5,10 @@ optionally, TinyBERT's intermediate-layer transfer: hidden states (embedding out
 student layer against its mapped teacher layer, through one learned projection where the widths
 differ) and attention maps (averaged over heads, so any head counts match; both models run with
 ``attn_implementation="eager"``, since sdpa returns no attention maps in transformers 5). The
-layer mapping is the one teacher initialisation used: student layer i <- teacher layer
-``select_layers(teacher_layers, student_layers)[i]``, or the ``layers`` given (e.g. DistilBERT's
-every other layer).
+layer mapping (``distill.intermediate_map``) is by default the one teacher initialisation used:
+student layer i <- teacher layer ``select_layers(teacher_layers, student_layers)[i]``, or the
+``layers`` given (e.g. DistilBERT's every other layer); ``uniform`` is TinyBERT's m * N / M, the
+student's last layer against the teacher's last whatever the student starts from.
 
 Learning-rate warm-up and linear decay; dev score every ``eval_every`` steps with early stopping
 after ``patience`` evaluations without improvement (the best model is what is written);
@@ -43,7 +44,7 @@ from tacnas.evaluators.training import (
     shuffled_batches,
 )
 from tacnas.searchspace.arch import ArchConfig
-from tacnas.searchspace.build import build_student, student_layers
+from tacnas.searchspace.build import build_student, student_layers, uniform_layers
 
 if TYPE_CHECKING:  # the training loop runs without the pipeline (benchmarks/on_device.py)
     from tacnas.nas.pipeline import Run
@@ -198,6 +199,9 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     mapping = student_layers(arch, teacher.config.num_hidden_layers, layers)
     model = build_student(arch, teacher, init=run.cfg.proxy.init, seed=run.cfg.seed,
                           layers=mapping)
+    # the teacher layers the intermediate losses match (the start's, or TinyBERT's uniform map)
+    matched = (uniform_layers(teacher.config.num_hidden_layers, arch.num_layers)
+               if d.intermediate_map == "uniform" else mapping)
     if d.attention_weight > 0:
         model.set_attn_implementation("eager")
         teacher.set_attn_implementation("eager")
@@ -211,7 +215,8 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
 
     ckpt = out / "checkpoint"
     state = _resume(ckpt, {"step": 0, "best": None, "best_step": 0, "bad": 0, "curve": [],
-                           "seconds": 0.0, "arch": arch.name, "total": total, "layers": mapping},
+                           "seconds": 0.0, "arch": arch.name, "total": total, "layers": mapping,
+                           "matched": matched if d.hidden_weight or d.attention_weight else None},
                     modules={"weights": params}, objects={"optimizer": opt, "scheduler": sched})
     best_dir = out / "best"
 
@@ -231,7 +236,7 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     try:
         while state["step"] < total and not stopped:
             idx = next(batches)
-            loss = _loss(run, model, projection, features, idx, mapping, dev)
+            loss = _loss(run, model, projection, features, idx, matched, dev)
             optimizer_step(loss, opt, params=params.parameters(), scheduler=sched,
                            lr_key="distill.lr")
             state["step"] += 1
@@ -253,7 +258,8 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
         log.info("early stop at step %d: no dev improvement in %d evaluations (best %.4f at %d)",
                  state["step"], d.patience, state["best"], state["best_step"])
     return {**_plain(d), "steps_run": state["step"], "planned_steps": total,
-            "teacher_layers": mapping, "best_step": state["best_step"], "early_stopped": stopped,
+            "teacher_layers": mapping, "matched_layers": matched if intermediate else None,
+            "best_step": state["best_step"], "early_stopped": stopped,
             "curve": state["curve"], "train_seconds": state["seconds"]}
 
 
@@ -308,15 +314,16 @@ def _evaluate(run: Run, model, state: dict, best_dir: Path) -> bool:
 
 def _resume(ckpt: Path, fresh: dict, *, modules: dict, objects: dict) -> dict:
     """The checkpoint's state (weights, optimizer and RNG loaded), or ``fresh``; a checkpoint
-    of another student, length or layer mapping is refused."""
+    of another student, length, layer mapping or matched layers is refused."""
     saved = read_state(ckpt)
     if saved is None:
         return fresh
-    keys = ("arch", "total", "layers")
-    if [saved.get(k) for k in keys] != [fresh[k] for k in keys]:
+    keys = ("arch", "total", "layers", "matched")
+    if [saved.get(k, fresh[k] if k == "matched" else None) for k in keys] != \
+            [fresh[k] for k in keys]:  # (a checkpoint written before "matched" was kept: as now)
         raise UserError(f"--out {ckpt.parent}: holds a checkpoint of {saved.get('arch')} "
-                        f"({saved.get('total')} steps, teacher layers {saved.get('layers')}); "
-                        "use another --out or delete it")
+                        f"({saved.get('total')} steps, teacher layers {saved.get('layers')}, "
+                        f"matched against {saved.get('matched')}); use another --out or delete it")
     saved = resume(ckpt, modules=modules, objects=objects)
     if saved is None:
         return fresh

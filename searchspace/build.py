@@ -127,6 +127,12 @@ def select_layers(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
+def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
+    """TinyBERT's layer mapping g(m) = m * N / M (1-based): student layer m is matched against
+    teacher layer m * N / M, so the last against the last (a deeper student repeats layers)."""
+    return [max(0, (m + 1) * n_teacher // n_student - 1) for m in range(n_student)]
+
+
 def group_layers(arch: ArchConfig, layers: list[int]) -> list[int]:
     """Of the layer each student layer would start from, the one each weight holder takes: a
     BERT layer its own, a shared ALBERT group the layer of its first member."""

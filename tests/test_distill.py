@@ -11,10 +11,16 @@ from safetensors.torch import load_file
 from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.training import predict_logits
 from tacnas.nas.config import load_config
-from tacnas.nas.distill import TeacherFeatures, distill, intermediate_losses, teacher_targets
+from tacnas.nas.distill import (
+    TeacherFeatures,
+    distill,
+    intermediate_losses,
+    teacher_targets,
+    train_student,
+)
 from tacnas.nas.pipeline import prepare
 from tacnas.searchspace.arch import ArchConfig
-from tacnas.searchspace.build import build_student, select_layers
+from tacnas.searchspace.build import build_student, select_layers, uniform_layers
 from tests.conftest import checkpoint_step, interrupt_when
 
 SMALL = ArchConfig(1, 32, 2, 64, 32, 1)
@@ -75,6 +81,36 @@ def tiny_run(project, monkeypatch):
                                         *overrides])
         return prepare(cfg, progress=False)
     return make
+
+
+def test_the_uniform_map_matches_the_first_layer_student_against_the_teachers_last(
+        tiny_run, project):
+    assert uniform_layers(6, 1) == [5] and uniform_layers(6, 2) == [2, 5]
+    assert uniform_layers(12, 4) == [2, 5, 8, 11]  # TinyBERT-4 on BERT-base
+    assert uniform_layers(2, 4) == [0, 0, 0, 1]  # a deeper student repeats teacher layers
+    run = tiny_run("distill.max_steps=2", "distill.patience=0", "distill.attention_weight=0")
+    c = run.teacher.model.config
+    last = c.num_hidden_layers - 1
+    first = ArchConfig(1, c.hidden_size, c.num_attention_heads, c.intermediate_size,
+                       c.hidden_size, 1)  # the teacher's first layer at full width
+    start = build_student(first, run.teacher.model, init="teacher", layers=[0]).eval()
+    batch = run.data.dev.batch(torch.arange(4))
+    teacher = run.teacher.model.eval()
+    hidden = {}
+    for how, want in (("init", [0]), ("uniform", [last])):
+        extra = train_student(tiny_run("distill.max_steps=2", "distill.patience=0",
+                                       "distill.attention_weight=0",
+                                       f"distill.intermediate_map={how}"),
+                              first, project / how, layers=[0])
+        assert extra["teacher_layers"] == [0] and extra["matched_layers"] == want
+        with torch.no_grad():
+            targets = teacher_targets(teacher(**batch, output_hidden_states=True), want)
+            hidden[how] = intermediate_losses(start(**batch, output_hidden_states=True), targets,
+                                              torch.nn.Identity(), batch["attention_mask"])[0]
+    # matched against the layer it starts as, its hidden-state loss starts at zero (nothing to
+    # learn from it); against the teacher's last layer it is what the student must learn
+    assert hidden["init"].item() == pytest.approx(0.0, abs=1e-6)
+    assert hidden["uniform"].item() > 1e-3
 
 
 def test_distillation_raises_the_dev_score_and_writes_a_loadable_folder(tiny_run, project):
