@@ -169,8 +169,9 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
             search: dict | None = None, budget_ms: float | None = None,
             layers: list[int] | None = None, runtimes: tuple[str, ...] | None = None) -> dict:
     """Train ``arch`` fully and write ``out`` as export does. Resumes from ``out/checkpoint``.
-    ``layers``: the teacher layer each student layer starts from and is matched against
-    (default: spread over the teacher's depth, as in the search)."""
+    ``layers``: the teacher layer each student layer starts from (default: spread over the
+    teacher's depth, as in the search) and, under the default ``distill.intermediate_map``, is
+    matched against."""
     from transformers import AutoModelForSequenceClassification
 
     from tacnas.nas.export import check_out, write_folder
@@ -199,9 +200,10 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     mapping = student_layers(arch, teacher.config.num_hidden_layers, layers)
     model = build_student(arch, teacher, init=run.cfg.proxy.init, seed=run.cfg.seed,
                           layers=mapping)
+    intermediate = bool(d.hidden_weight or d.attention_weight)
     # the teacher layers the intermediate losses match (the start's, or TinyBERT's uniform map)
     matched = (uniform_layers(teacher.config.num_hidden_layers, arch.num_layers)
-               if d.intermediate_map == "uniform" else mapping)
+               if d.intermediate_map == "uniform" else mapping) if intermediate else None
     if d.attention_weight > 0:
         model.set_attn_implementation("eager")
         teacher.set_attn_implementation("eager")
@@ -216,7 +218,7 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     ckpt = out / "checkpoint"
     state = _resume(ckpt, {"step": 0, "best": None, "best_step": 0, "bad": 0, "curve": [],
                            "seconds": 0.0, "arch": arch.name, "total": total, "layers": mapping,
-                           "matched": matched if d.hidden_weight or d.attention_weight else None},
+                           "matched": matched},
                     modules={"weights": params}, objects={"optimizer": opt, "scheduler": sched})
     best_dir = out / "best"
 
@@ -227,7 +229,6 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     start = time.perf_counter() - state["seconds"]
     params.train()
     teacher.eval()
-    intermediate = bool(d.hidden_weight or d.attention_weight)
     teacher_device = next(teacher.parameters()).device
     if intermediate:
         teacher.to(dev)
@@ -258,7 +259,7 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
         log.info("early stop at step %d: no dev improvement in %d evaluations (best %.4f at %d)",
                  state["step"], d.patience, state["best"], state["best_step"])
     return {**_plain(d), "steps_run": state["step"], "planned_steps": total,
-            "teacher_layers": mapping, "matched_layers": matched if intermediate else None,
+            "teacher_layers": mapping, "matched_layers": matched,
             "best_step": state["best_step"], "early_stopped": stopped,
             "curve": state["curve"], "train_seconds": state["seconds"]}
 
