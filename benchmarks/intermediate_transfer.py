@@ -33,7 +33,7 @@ import logging
 import statistics
 
 from real_task import distill_seed, resumable  # benchmarks/ is the script's folder
-from search_vs_hand import FULL_DATA, RESULTS, hand_students, parse_budget
+from search_vs_hand import FULL_DATA, RESULTS, _sd, hand_students, parse_budget
 
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.nas.config import load_config
@@ -71,10 +71,6 @@ def pair_of(records: list[dict], budget: str) -> dict[str, dict]:
         mean, arch, st = max(cands, key=lambda c: c[0])
         out[arch] = {"names": st["names"], "kind": kind, "kd2_table": mean}
     return out
-
-
-def _sd(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> int:

@@ -41,7 +41,7 @@ SPLITS = ("train", "dev", "test")
 
 
 # ---------------------------------------------------------------------------------------- pack
-def _units(svh: dict, fid: dict, recipe: str | None = None, budgets=None) -> list[dict]:
+def _units(svh: dict, fid: dict, recipe: str, budgets=None) -> list[dict]:
     """Every unit the two benchmarks still miss, seed 0 of everything first (a cut run then
     leaves whole seeds rather than whole students undone). Under another ``recipe`` than the
     default: search_vs_hand's students at ``budgets`` only (bench ``search_vs_hand.RECIPE``)."""
@@ -51,7 +51,6 @@ def _units(svh: dict, fid: dict, recipe: str | None = None, budgets=None) -> lis
     from tacnas.searchspace.arch import ArchConfig
 
     finals = finals_by_seed(fid)
-    recipe = recipe or DEFAULT_RECIPE
     other = recipe != DEFAULT_RECIPE
     done = recipe_units(svh, recipe)
     bench = f"search_vs_hand.{recipe}" if other else "search_vs_hand"

@@ -320,8 +320,8 @@ def _resume(ckpt: Path, fresh: dict, *, modules: dict, objects: dict) -> dict:
     if saved is None:
         return fresh
     keys = ("arch", "total", "layers", "matched")
-    if [saved.get(k, fresh[k] if k == "matched" else None) for k in keys] != \
-            [fresh[k] for k in keys]:  # (a checkpoint written before "matched" was kept: as now)
+    kept = {"matched": fresh["matched"], **saved}  # one written before "matched" was kept: as now
+    if [kept.get(k) for k in keys] != [fresh[k] for k in keys]:
         raise UserError(f"--out {ckpt.parent}: holds a checkpoint of {saved.get('arch')} "
                         f"({saved.get('total')} steps, teacher layers {saved.get('layers')}, "
                         f"matched against {saved.get('matched')}); use another --out or delete it")
