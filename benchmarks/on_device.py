@@ -1,8 +1,8 @@
 """Finish the benchmarks' trainings on a GPU: accuracy only (latency is always measured on the
 CPU the budget names).
 
-The distillations of benchmarks/search_vs_hand.py and benchmarks/proxy_fidelity.py are most of
-their time (hours on 2 CPU cores). Where a GPU machine is lent, this script moves exactly that
+The distillations of benchmarks/search_vs_hand.py, benchmarks/proxy_fidelity.py and
+benchmarks/best_in_space.py are most of their time (hours on 2 CPU cores). Where a GPU machine is lent, this script moves exactly that
 part there, with the project's own training code (``train_student``, ``DistillationProxy``) and
 the same recipe, and nothing else:
 
@@ -10,9 +10,10 @@ the same recipe, and nothing else:
    logits), and writes ``--bundle``: the teacher's weights (fp16, to travel; upcast to fp32
    there, which moves a student's initial weights by at most ~1e-3 relative), the tokenized
    splits, the teacher's train and dev logits, the recipe, and every unit still missing from the
-   two benchmarks' ``results.json``: each (student, seed) of search_vs_hand; each
+   benchmarks' ``results.json``: each (student, seed) of search_vs_hand; each
    (architecture, seed) final and each ``distill-200``/``distill-800`` proxy score of
-   proxy_fidelity.
+   proxy_fidelity; best_in_space's missing finals, with its state, so that the run asks it for
+   the top-k's other seeds once the first seed of every architecture is in.
 2. ``run`` (on the GPU machine): trains every unit, ``--workers`` processes sharing the GPU,
    appending one JSON line per finished unit to ``--results`` (so a cut run keeps what it did).
 3. ``ingest`` (here): writes those lines into the benchmarks' ``results.json`` (each unit marked
@@ -46,7 +47,8 @@ def _units(svh: dict, fid: dict, recipe: str, budgets=None) -> list[dict]:
     leaves whole seeds rather than whole students undone). Under another ``recipe`` than the
     default: search_vs_hand's students at ``budgets`` only (bench ``search_vs_hand.RECIPE``)."""
     from proxy_fidelity import finals_by_seed
-    from search_vs_hand import DEFAULT_RECIPE, ident_of, recipe_units
+    from search_vs_hand import DEFAULT_RECIPE, recipe_units
+    from unit_keys import ident_of
 
     from tacnas.searchspace.arch import ArchConfig
 
@@ -92,6 +94,15 @@ def pack(args) -> int:
     _, fid, _ = resumable(args.fidelity_work)
     recipe = args.recipe or DEFAULT_RECIPE
     units = _units(svh, fid, recipe, args.budgets)
+    then = None
+    if recipe == DEFAULT_RECIPE and Path(args.bis_work, "results.json").is_file():
+        # best_in_space: what is missing now; its top-k's other seeds are chosen on the GPU
+        # once the band's first seed is in (``then``: its state, asked again after each round)
+        from best_in_space import BENCH, missing_units
+
+        _, bis, _ = resumable(args.bis_work)
+        units += [{"bench": BENCH, "what": "final", **u} for u in missing_units(bis)]
+        then = {"bench": BENCH, "state": bis}
     over = [*FULL_DATA, *RECIPES[recipe], *args.set, "proxy.kind=distill", "proxy.steps=200",
             "budget.latency=measure"]  # no latency here: the table is not needed
     run = prepare(load_config(args.config, over), progress=True)
@@ -123,6 +134,7 @@ def pack(args) -> int:
         "teacher_dev": run.teacher_dev[run.data.metric],
         "teacher_test": run.teacher_test()[run.data.metric],
         "units": units,
+        "then": then,
     }
     (bundle / "meta.json").write_text(json.dumps(meta, indent=1))
     size = sum(f.stat().st_size for f in bundle.iterdir()) / 2 ** 20
@@ -210,30 +222,54 @@ def _work(unit: dict) -> dict:
                                s["device"].startswith("cuda") else "cpu"}}
 
 
+def _then_units(then: dict | None, lines: list[dict]) -> list[dict]:
+    """The units a benchmark asks for once the results so far (``lines``) are in its state
+    (best_in_space's top-k seeds, chosen by the first seed's dev scores)."""
+    if not then:
+        return []
+    from best_in_space import missing_units
+
+    state = json.loads(json.dumps(then["state"]))
+    units = state.setdefault("units", {})
+    for r in lines:
+        if r["bench"] == then["bench"] and "result" in r:
+            units[r["key"]] = r["result"]
+    return [{"bench": then["bench"], "what": "final", **u} for u in missing_units(state)]
+
+
 def run_units(args) -> int:
     import multiprocessing as mp
 
     bundle = Path(args.bundle)
-    units = json.loads((bundle / "meta.json").read_text())["units"]
+    meta = json.loads((bundle / "meta.json").read_text())
     res = Path(args.results)
     lines = [json.loads(line) for line in res.read_text().splitlines()] if res.is_file() else []
-    done = {(r["bench"], r["key"]) for r in lines if "result" in r}
-    todo = [u for u in units if (u["bench"], u["key"]) not in done]
-    if args.limit:
-        todo = todo[:args.limit]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"{len(todo)} units on {device} with {args.workers} workers", flush=True)
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
+    units, ran = meta["units"], 0
     with ctx.Pool(args.workers, initializer=_load, initargs=(bundle, device)) as pool, \
             res.open("a") as f:
-        for i, r in enumerate(pool.imap_unordered(_work, todo), 1):
-            f.write(json.dumps(r) + "\n")
-            f.flush()
-            what = r.get("error") or {k: round(v, 4) for k, v in r["result"].items()
-                                      if isinstance(v, float)}
-            print(f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f}s] {r['bench']} "
-                  f"{r['key']}: {what}", flush=True)
+        while True:  # a round, then the units the benchmarks ask for once it is in
+            done = {(r["bench"], r["key"]) for r in lines if "result" in r}
+            todo = [u for u in units if (u["bench"], u["key"]) not in done]
+            if args.limit:
+                todo = todo[:max(0, args.limit - ran)]
+            if not todo:
+                break
+            print(f"{len(todo)} units on {device} with {args.workers} workers", flush=True)
+            for i, r in enumerate(pool.imap_unordered(_work, todo), 1):
+                f.write(json.dumps(r) + "\n")
+                f.flush()
+                lines.append(r)
+                what = r.get("error") or {k: round(v, 4) for k, v in r["result"].items()
+                                          if isinstance(v, float)}
+                print(f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f}s] {r['bench']} "
+                      f"{r['key']}: {what}", flush=True)
+            ran += len(todo)
+            units = [*units, *_then_units(meta.get("then"), lines)]
+            if any("error" in r for r in lines[-len(todo):]):
+                break  # a failed unit would be asked for again: stop, the errors are above
     return 0
 
 
@@ -245,6 +281,7 @@ def ingest(args) -> int:
 
     _, svh, save_svh = resumable(args.svh_work)
     _, fid, save_fid = resumable(args.fidelity_work)
+    _, bis, save_bis = resumable(args.bis_work)
     n = errors = 0
     for line in Path(args.results).read_text().splitlines():
         r = json.loads(line)
@@ -253,7 +290,9 @@ def ingest(args) -> int:
             print(f"not ingested: {r['bench']} {r['key']}: {r['error']}")
             continue
         res = r["result"]
-        if r["bench"].startswith("search_vs_hand"):  # search_vs_hand[.RECIPE]
+        if r["bench"] == "best_in_space":
+            bis.setdefault("units", {})[r["key"]] = res
+        elif r["bench"].startswith("search_vs_hand"):  # search_vs_hand[.RECIPE]
             recipe = r["bench"].partition(".")[2] or DEFAULT_RECIPE
             recipe_units(svh, recipe)[r["key"]] = res
         elif r["what"] == "final":
@@ -263,6 +302,7 @@ def ingest(args) -> int:
         n += 1
     save_svh()
     save_fid()
+    save_bis()
     print(f"{n} units ingested ({errors} failed)")
     return 1 if errors else 0
 
@@ -275,6 +315,7 @@ def main() -> int:
         p = sub.add_parser(name)
         p.add_argument("--svh-work", default="runs/bench_search_vs_hand")
         p.add_argument("--fidelity-work", default="runs/bench_proxy_fidelity")
+        p.add_argument("--bis-work", default="runs/bench_best_in_space")
     p = sub.choices["pack"]
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--bundle", default="gpu_bundle")

@@ -73,6 +73,7 @@ from real_task import (  # benchmarks/ is the script's folder
     latency_pass,
     resumable,
 )
+from unit_keys import ident_of
 
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.nas.config import load_config
@@ -162,12 +163,6 @@ def _ms(run, arch: ArchConfig) -> float:
         return run.latency.ms(arch)
     except KeyError:
         return run.meter.arch_ms(arch)
-
-
-def ident_of(st: dict) -> tuple[ArchConfig, str]:
-    """A student's arch and its name with the teacher layers it starts from (hand ones)."""
-    a = ArchConfig.from_dict(st["arch"])
-    return a, a.name + ("" if st["layers"] is None else "-T" + "".join(map(str, st["layers"])))
 
 
 def recipe_units(results: dict, recipe: str) -> dict:
