@@ -210,9 +210,11 @@ def _work(unit: dict) -> dict:
             best.to(s["device"]).eval()
             metric = meta["metric"]
             scores = {n: compute_metrics(predict_logits(best, getattr(s["data"], n)),
-                                         getattr(s["data"], n).labels)[metric]
+                                         getattr(s["data"], n).labels,
+                                         s["dev_logits"] if n == "dev" else None)
                       for n in ("dev", "test")}
-            out = {"test": scores["test"], "dev": scores["dev"],
+            out = {"test": scores["test"][metric], "dev": scores["dev"][metric],
+                   "dev_agreement": scores["dev"]["agreement"],
                    "teacher_test": meta["teacher_test"], "teacher_dev": meta["teacher_dev"],
                    "steps": extra["steps_run"], "best_step": extra["best_step"]}
     except Exception as e:  # one unit's failure is reported, the others go on

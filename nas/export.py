@@ -119,7 +119,9 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
     predicted = run.latency.raw(arch)
     teacher_predicted = run.latency.teacher_predicted()
     data = run.data
-    s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels)
+    # with agreement with the teacher's dev predictions (the proxy's label-free objective)
+    s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels,
+                            getattr(run.proxy, "dev_logits", None))
     s_test = main["student_test"]
     search = search or {}
     report = {

@@ -127,6 +127,10 @@ def test_distillation_raises_the_dev_score_and_writes_a_loadable_folder(tiny_run
 
     model = AutoModelForSequenceClassification.from_pretrained(project / "out")
     assert model.num_parameters() == report["student"]["params"]
+    # beside dev accuracy: agreement with the teacher's dev predictions, computed from them
+    teacher_pred = run.proxy.dev_logits.argmax(-1)
+    agree = (predict_logits(model, run.data.dev).argmax(-1) == teacher_pred).float().mean()
+    assert report["student"]["dev"]["agreement"] == pytest.approx(agree.item())
 
 
 def test_a_killed_distillation_resumes_at_the_checkpoint_step(tiny_run, project, monkeypatch):
