@@ -16,7 +16,11 @@ final recipe (search_vs_hand's kd2):
    candidates like the default search; its pick finished with every seed.
 
 The teacher's first layer at full width (the best hand-designed student at 4x@1) is finished
-with every seed beside them, the reference. One latency pass measures the top-k, the search's
+with every seed beside them, the reference. The shortlist is chosen among by two rules a search
+could use, the dev accuracy and the dev agreement with the teacher's predictions (the proxy's
+label-free objective), each the mean over the seeds; and by the test set, which no rule may use.
+``--proxy-scores`` scores the band with the config's proxy (the search's default) under both
+objectives and prints their Kendall tau against the finals. One latency pass measures the top-k, the search's
 pick and the first layer against the teacher (the others keep the table's prediction).
 
 Resumable: the search is an Optuna study in ``--work``; each (student, seed) is written to
@@ -25,7 +29,8 @@ Resumable: the search is an Optuna study in ``--work``; each (student, seed) is 
 chosen there once seed 0 is in) or here (``--here``). Prints its tables and writes
 ``benchmarks/results/best_in_space.json``: records ``task``, ``budget``, ``student``, ``kind``
 (search, hand or space), ``fits``, ``arch``, ``latency_ms``, ``speedup``, ``seed``,
-``dev_score``, ``test_score``, ``teacher_test_score``, ``selected`` (one of the top-k).
+``dev_score``, ``dev_agreement`` (the shortlist's), ``test_score``, ``teacher_test_score``,
+``selected`` (one of the top-k), ``device``.
 
     python benchmarks/best_in_space.py                 # the search, then what is left to train
     python benchmarks/best_in_space.py --here          # the finals on this CPU (hours)
@@ -110,6 +115,39 @@ def missing_units(results: dict) -> list[dict]:
     return out
 
 
+def proxy_objectives(run, results: dict, save, units: dict, sts: dict, top: list[str]) -> None:
+    """The config's proxy (the search's default) scores every band architecture once; Kendall
+    tau of its two objectives, dev accuracy and dev agreement with the teacher, against the
+    finals: is agreement the better ranking before the final recipe too?"""
+    from scipy.stats import kendalltau
+
+    scores = results.setdefault("proxy_scores", {})
+    run.proxy.prepare(progress=True)
+    for name in results["band"]:
+        if name not in scores:
+            t0 = time.perf_counter()
+            result, _ = run.proxy.evaluate(ArchConfig.from_name(name), progress=False)
+            scores[name] = {"accuracy": result.metrics["accuracy"],
+                            "agreement": result.metrics["agreement"],
+                            "seconds": time.perf_counter() - t0}
+            save()
+    band = results["band"]
+    first = results["seeds"][0]
+    final = {n: units[f"{n}/s{first}"] for n in band}
+    mean_test = {n: statistics.mean(units[f"{n}/s{s}"]["test"] for s in results["seeds"])
+                 for n in top}
+    print(f"the config's proxy ({run.cfg.proxy.kind}, {run.cfg.proxy.steps} steps) on the "
+          f"{len(band)} band architectures, {statistics.mean(v['seconds'] for v in scores.values()):.1f} s "
+          "each; Kendall tau against the finals:")
+    for obj in ("accuracy", "agreement"):
+        x = [scores[n][obj] for n in band]
+        t_test = kendalltau(x, [final[n]["test"] for n in band]).statistic
+        t_dev = kendalltau(x, [final[n]["dev"] for n in band]).statistic
+        t_top = kendalltau([scores[n][obj] for n in top], [mean_test[n] for n in top]).statistic
+        print(f"  proxy {obj:9s}: vs seed {first}'s final test {t_test:.3f}, its final dev "
+              f"{t_dev:.3f} ({len(band)}); vs the top {len(top)}'s 3-seed test mean {t_top:.3f}")
+
+
 def main() -> int:
     # here, not above: on_device.py imports this module's unit rules on a GPU machine that has
     # PyTorch and little else
@@ -136,6 +174,8 @@ def main() -> int:
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--no-search", action="store_true", help="skip the tpe-d800 search for now")
     ap.add_argument("--here", action="store_true", help="train the missing finals on this CPU")
+    ap.add_argument("--proxy-scores", action="store_true",
+                    help="score the band with the config's proxy, both objectives (CPU)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work, results, save = resumable(args.work)
@@ -224,6 +264,7 @@ def main() -> int:
                             "latency_ms": ms, "speedup": sp,
                             "latency": "measured" if arch.name in lat["ms"] else "predicted",
                             "seed": s, "dev_score": u["dev"], "test_score": u["test"],
+                            "dev_agreement": u.get("dev_agreement"),
                             "teacher_test_score": u["teacher_test"], "selected": sel,
                             "device": u.get("device", "cpu")})
         test, dev = score(name, "test", these), score(name, "dev", these)
@@ -272,6 +313,8 @@ def main() -> int:
     print(f"chosen by dev agreement with the teacher (the mean over {args.seeds}; the proxy's "
           f"label-free objective): {versus(by_agree)}")
     print(f"best by test (chosen by the test set itself: no rule can use it): {versus(by_test)}")
+    if args.proxy_scores:
+        proxy_objectives(run, results, save, units, sts, top)
     if "search" in results:
         s = results["search"]
         print(f"tpe-d800 search: {s['seconds']:.0f} s on 2 cores ({cpu_name()}), "
