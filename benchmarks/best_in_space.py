@@ -20,7 +20,9 @@ with every seed beside them, the reference. The shortlist is chosen among by two
 could use, the dev accuracy and the dev agreement with the teacher's predictions (the proxy's
 label-free objective), each the mean over the seeds; and by the test set, which no rule may use.
 ``--proxy-scores`` scores the band with the config's proxy (the search's default) under both
-objectives and prints their Kendall tau against the finals. One latency pass measures the top-k, the search's
+objectives and prints their Kendall tau against the finals; ``--finalists K`` then finishes
+the proxy's K best once on this CPU and chooses among them by both rules (a multi-fidelity
+search over the band). One latency pass measures the top-k, the search's
 pick and the first layer against the teacher (the others keep the table's prediction).
 
 Resumable: the search is an Optuna study in ``--work``; each (student, seed) is written to
@@ -148,6 +150,40 @@ def proxy_objectives(run, results: dict, save, units: dict, sts: dict, top: list
               f"{t_dev:.3f} ({len(band)}); vs the top {len(top)}'s 3-seed test mean {t_top:.3f}")
 
 
+def finalists(run, results: dict, save, units: dict, k: int, work: Path, distill_seed) -> dict:
+    """A multi-fidelity search over the band: the config's proxy's ``k`` best by dev accuracy
+    (``--proxy-scores``), each finished once here (the first seed, this CPU: one device for all
+    of them), then chosen among by dev accuracy and by dev agreement with the teacher; returns
+    their results."""
+    scores = results.get("proxy_scores", {})
+    if len(scores) < len(results["band"]):
+        raise SystemExit("--finalists: run --proxy-scores first")
+    seed = results["seeds"][0]
+    picked = sorted(results["band"], key=lambda n: (-scores[n]["accuracy"], n))[:k]
+    done = results.setdefault("finalists", {})
+    for name in picked:
+        if name not in done:
+            done[name] = distill_seed(run, ArchConfig.from_name(name),
+                                      work / "finalists" / f"{name}_s{seed}", seed,
+                                      label=f"finalist {name}")
+            save()
+            print(f"finalist {name}: dev {done[name]['dev']:.4f} agreement "
+                  f"{done[name]['dev_agreement']:.4f} test {done[name]['test']:.4f}", flush=True)
+    print(f"finalists: the config's proxy's top {k} of the band by dev accuracy, each finished "
+          f"once (seed {seed}, on the cpu):")
+    for name in picked:
+        d = done[name]
+        three = [units.get(f"{name}/s{s}", {}).get("test") for s in results["seeds"]]
+        print(f"  {name}  dev {d['dev']:.4f}  agreement {d['dev_agreement']:.4f}  test "
+              f"{d['test']:.4f}  ({d['seconds']:.0f} s)" + (
+                  f"  H100 3-seed test mean {statistics.mean(three):.4f}"
+                  if None not in three else ""))
+    for obj in ("dev", "dev_agreement"):
+        best = max(picked, key=lambda n: done[n][obj])
+        print(f"  chosen by {obj}: {best}")
+    return {n: done[n] for n in picked}
+
+
 def main() -> int:
     # here, not above: on_device.py imports this module's unit rules on a GPU machine that has
     # PyTorch and little else
@@ -176,6 +212,8 @@ def main() -> int:
     ap.add_argument("--here", action="store_true", help="train the missing finals on this CPU")
     ap.add_argument("--proxy-scores", action="store_true",
                     help="score the band with the config's proxy, both objectives (CPU)")
+    ap.add_argument("--finalists", type=int, default=0, metavar="K",
+                    help="finish the proxy's K best once here and choose among them (CPU)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work, results, save = resumable(args.work)
@@ -279,8 +317,6 @@ def main() -> int:
                      f"{statistics.mean(rest):.4f}" if rest else "",
                      "top" if sel else ""])
     rows.sort(key=lambda r: (r[-1] != "top" and r[1] == "space", -float(r[6])))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{BENCH}.json").write_text(json.dumps(records, indent=1) + "\n")
     devices = sorted({u.get("device", "cpu") for u in units.values()})
     print(f"latency: {lat['cpu']}, 2 threads, seq_len 64 (measured in one pass for the top "
           f"{args.top_k}, the search's pick and the first layer; the table's prediction for the "
@@ -315,6 +351,20 @@ def main() -> int:
     print(f"best by test (chosen by the test set itself: no rule can use it): {versus(by_test)}")
     if args.proxy_scores:
         proxy_objectives(run, results, save, units, sts, top)
+    if args.finalists:
+        for name, u in finalists(run, results, save, units, args.finalists, work,
+                                 distill_seed).items():
+            ms = run.latency.ms(ArchConfig.from_name(name))
+            records.append({"task": "tweets", "budget": args.budget, "student": name,
+                            "kind": "finalist", "fits": teacher_ms / ms >= speedup,
+                            "arch": name, "latency_ms": ms, "speedup": teacher_ms / ms,
+                            "latency": "predicted", "seed": results["seeds"][0],
+                            "dev_score": u["dev"], "test_score": u["test"],
+                            "dev_agreement": u["dev_agreement"],
+                            "teacher_test_score": u["teacher_test"], "selected": False,
+                            "device": "cpu"})
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{BENCH}.json").write_text(json.dumps(records, indent=1) + "\n")
     if "search" in results:
         s = results["search"]
         print(f"tpe-d800 search: {s['seconds']:.0f} s on 2 cores ({cpu_name()}), "
