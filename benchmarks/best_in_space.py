@@ -54,7 +54,6 @@ from tacnas.searchspace.arch import ArchConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 SEARCH = ["proxy.kind=distill", "proxy.steps=800"]  # tpe-d800: the config's TPE, this proxy
 BENCH = "best_in_space"
-log = logging.getLogger(BENCH)
 
 
 def top_of_budget(run, speedup: float, low: float) -> tuple[list[ArchConfig], float]:
@@ -99,25 +98,25 @@ def missing_units(results: dict) -> list[dict]:
     sts = students(results, results["hand"])
     top = selected(results, results["top_k"]) or []
     units = results.get("units", {})
-    # the shortlist (every seed) is also ranked by dev agreement with the teacher: a unit
-    # trained before that was recorded is trained again (the same seed: the same model)
-    out, seen = [], {k for k, u in units.items() if u.get("dev_agreement") is not None}
+    out, seen = [], set()
     for seed in seeds:
         for name, st in sts.items():
-            if seed != seeds[0] and st["kind"] == "space" and name not in top:
+            shortlisted = st["kind"] != "space" or name in top
+            if seed != seeds[0] and not shortlisted:
                 continue
             arch, ident = ident_of(st)
             key = f"{ident}/s{seed}"
-            if key in units and (st["kind"] == "space" and name not in top):
-                continue  # outside the shortlist: its dev accuracy is all that is asked
-            if key not in seen:
-                seen.add(key)
-                out.append({"key": key, "arch": arch.to_dict(), "layers": st["layers"],
-                            "seed": seed})
+            have = units.get(key)
+            # the shortlist is also ranked by dev agreement with the teacher: its units trained
+            # before that was recorded are trained again (the same seed: the same model)
+            if key in seen or (have and (not shortlisted or have.get("dev_agreement") is not None)):
+                continue
+            seen.add(key)
+            out.append({"key": key, "arch": arch.to_dict(), "layers": st["layers"], "seed": seed})
     return out
 
 
-def proxy_objectives(run, results: dict, save, units: dict, sts: dict, top: list[str]) -> None:
+def proxy_objectives(run, results: dict, save, units: dict, top: list[str]) -> None:
     """The config's proxy (the search's default) scores every band architecture once; Kendall
     tau of its two objectives, dev accuracy and dev agreement with the teacher, against the
     finals: is agreement the better ranking before the final recipe too?"""
@@ -138,9 +137,9 @@ def proxy_objectives(run, results: dict, save, units: dict, sts: dict, top: list
     final = {n: units[f"{n}/s{first}"] for n in band}
     mean_test = {n: statistics.mean(units[f"{n}/s{s}"]["test"] for s in results["seeds"])
                  for n in top}
+    each = statistics.mean(v["seconds"] for v in scores.values())
     print(f"the config's proxy ({run.cfg.proxy.kind}, {run.cfg.proxy.steps} steps) on the "
-          f"{len(band)} band architectures, {statistics.mean(v['seconds'] for v in scores.values()):.1f} s "
-          "each; Kendall tau against the finals:")
+          f"{len(band)} band architectures, {each:.1f} s each; Kendall tau against the finals:")
     for obj in ("accuracy", "agreement"):
         x = [scores[n][obj] for n in band]
         t_test = kendalltau(x, [final[n]["test"] for n in band]).statistic
@@ -322,7 +321,8 @@ def main() -> int:
           f"{args.top_k}, the search's pick and the first layer; the table's prediction for the "
           f"others); finals: search_vs_hand's kd2 recipe, trained on {', '.join(devices)}")
     print(text_table(["student", "kind", "architecture", "ms", "speedup", "fits", "dev s0",
-                      "test s0", "dev mean", "dev agreement", f"test mean ± std (seeds {args.seeds})",
+                      "test s0", "dev mean", "dev agreement",
+                      f"test mean ± std (seeds {args.seeds})",
                       f"test mean (seeds {args.seeds[1:]})", ""], rows))
     hand = score("first-layer", "test", args.seeds)
     h, hs = statistics.mean(hand), _sd(hand)
@@ -350,7 +350,7 @@ def main() -> int:
           f"label-free objective): {versus(by_agree)}")
     print(f"best by test (chosen by the test set itself: no rule can use it): {versus(by_test)}")
     if args.proxy_scores:
-        proxy_objectives(run, results, save, units, sts, top)
+        proxy_objectives(run, results, save, units, top)
     if args.finalists:
         for name, u in finalists(run, results, save, units, args.finalists, work,
                                  distill_seed).items():

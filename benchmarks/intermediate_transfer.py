@@ -145,8 +145,8 @@ def main() -> int:
         return 0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "intermediate_transfer.json").write_text(json.dumps(records, indent=1) + "\n")
-    print(f"\n{args.budget}: trained on the CPU here ({cpu_name()}, 2 threads); seeds {args.seeds}; "
-          f"test accuracy on the tweets task; recipes: "
+    print(f"\n{args.budget}: trained on the CPU here ({cpu_name()}, 2 threads); seeds "
+          f"{args.seeds}; test accuracy on the tweets task; recipes: "
           + "; ".join(f"{r} = kd2 {' '.join(RECIPES[r])}".rstrip() for r in args.recipes))
     print(text_table(["recipe", "student", "kind", "architecture", "dev mean ± std",
                       "test mean ± std", "% of teacher", "steps run", "s per seed"], rows))

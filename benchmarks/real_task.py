@@ -106,7 +106,7 @@ def distill_seed(run, arch: ArchConfig, out: Path, seed: int, **kwargs) -> dict:
     t0 = time.perf_counter()
     rep = distill(seeded, arch, out, **kwargs)
     return {"test": rep["student"]["test"]["accuracy"], "dev": rep["student"]["dev"]["accuracy"],
-            "dev_agreement": rep["student"]["dev"].get("agreement"),
+            "dev_agreement": rep["student"]["dev"]["agreement"],
             "teacher_test": rep["teacher"]["test"]["accuracy"],
             "teacher_dev": rep["teacher"]["dev"]["accuracy"],
             "steps": rep["distill"]["steps_run"], "seconds": time.perf_counter() - t0}

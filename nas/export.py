@@ -121,7 +121,7 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
     data = run.data
     # with agreement with the teacher's dev predictions (the proxy's label-free objective)
     s_dev = compute_metrics(predict_logits(loaded, data.dev), data.dev.labels,
-                            getattr(run.proxy, "dev_logits", None))
+                            run.proxy.dev_logits)
     s_test = main["student_test"]
     search = search or {}
     report = {
