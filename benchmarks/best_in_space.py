@@ -41,6 +41,7 @@ chosen there once seed 0 is in) or here (``--here``). Prints its tables and writ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -53,6 +54,11 @@ from tacnas.searchspace.arch import ArchConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEARCH = ["proxy.kind=distill", "proxy.steps=800"]  # tpe-d800: the config's TPE, this proxy
+# tpe-finalists: the config's TPE and default proxy, then its 8 best trained in full by the
+# distill recipe (search_vs_hand's kd2, seed 0, this CPU) and chosen by dev agreement: the
+# multi-fidelity search as shipped (search.rescore_*), end to end
+FINALIST_SEARCH = ["search.rescore_top_k=8", "search.rescore_recipe=distill",
+                   "search.rescore_objective=agreement"]
 BENCH = "best_in_space"
 
 
@@ -84,6 +90,9 @@ def students(results: dict, hand: dict) -> dict:
     out["first-layer"] = {**hand, "kind": "hand"}
     if "search" in results:
         out["tpe-d800"] = {"arch": results["search"]["arch"], "layers": None, "kind": "search"}
+    if "finalist_search" in results:
+        out["tpe-finalists"] = {"arch": results["finalist_search"]["arch"], "layers": None,
+                                "kind": "search"}
     return out
 
 
@@ -183,6 +192,41 @@ def finalists(run, results: dict, save, units: dict, k: int, work: Path, distill
     return {n: done[n] for n in picked}
 
 
+def finalist_search_report(run, storage: str, results: dict, save, units: dict) -> None:
+    """``--finalist-search``: each finalist's dev accuracy, dev agreement (what chose) and
+    test accuracy (seed 0, as the search trained it on this CPU), proxy order first."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tacnas.evaluators.metrics import compute_metrics
+    from tacnas.evaluators.training import predict_logits
+    from tacnas.nas.optuna_search import finalist_dir
+    from tacnas.nas.study import create_or_load
+
+    fs = results["finalist_search"]
+    if "scores" not in fs:
+        study = create_or_load("tpe-finalists", storage, run.cfg)
+        fs["scores"] = {}
+        for name in fs["proxy_order"]:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                finalist_dir(run, study, name) / "best").eval()
+            dev = run.proxy.final_scores(model)[0]
+            test = compute_metrics(predict_logits(model, run.data.test), run.data.test.labels)
+            fs["scores"][name] = {"dev": dev["accuracy"], "dev_agreement": dev["agreement"],
+                                  "test": test["accuracy"]}
+        save()
+    pick = ArchConfig.from_dict(fs["arch"]).name
+    print(f"tpe-finalists search: {fs['seconds']:.0f} s on 2 cores (the TPE search, then its "
+          f"{len(fs['proxy_order'])} best by the proxy trained in full, seed 0), "
+          f"{fs['trained']} trained candidates; chosen by dev agreement: {pick}")
+    for rank, name in enumerate(fs["proxy_order"], 1):
+        d = fs["scores"][name]
+        three = [units.get(f"{name}/s{s}", {}).get("test") for s in results["seeds"]]
+        print(f"  proxy #{rank} {name}  dev {d['dev']:.4f}  agreement {d['dev_agreement']:.4f}"
+              f"  test {d['test']:.4f}" + (f"  3-seed test mean {statistics.mean(three):.4f}"
+                                           if None not in three else "")
+              + ("  <- chosen" if name == pick else ""))
+
+
 def main() -> int:
     # here, not above: on_device.py imports this module's unit rules on a GPU machine that has
     # PyTorch and little else
@@ -191,6 +235,7 @@ def main() -> int:
 
     from tacnas.evaluators.latency_table import cpu_name, teacher_arch
     from tacnas.nas.config import load_config
+    from tacnas.nas.optuna_search import reuse_finalist
     from tacnas.nas.pipeline import prepare
     from tacnas.nas.record import TrialRecord
     from tacnas.nas.report import table as text_table
@@ -208,6 +253,8 @@ def main() -> int:
     ap.add_argument("--work", default="runs/bench_best_in_space")
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--no-search", action="store_true", help="skip the tpe-d800 search for now")
+    ap.add_argument("--finalist-search", action="store_true",
+                    help="run the shipped multi-fidelity search (tpe-finalists; hours on CPU)")
     ap.add_argument("--here", action="store_true", help="train the missing finals on this CPU")
     ap.add_argument("--proxy-scores", action="store_true",
                     help="score the band with the config's proxy, both objectives (CPU)")
@@ -250,7 +297,34 @@ def main() -> int:
                              "seconds": time.perf_counter() - t0, "trained": summary["trained"]}
         save()
 
+    fin_cfg = load_config(args.config, [*over, *FINALIST_SEARCH])
+    fin_run = dataclasses.replace(run, cfg=fin_cfg)  # the same proxy, the search's rescore_*
+    fin_storage = default_storage(fin_cfg.run_dir, "tpe-finalists")
+    if args.finalist_search and "finalist_search" not in results:
+        study = create_or_load("tpe-finalists", fin_storage, fin_cfg)
+        t0 = time.perf_counter()
+        summary = search(fin_run, study, n_trials=fin_cfg.search.n_trials, timeout=None)
+        best = best_trial(study)
+        r = TrialRecord.read(best)
+        names = {n: TrialRecord.read(study.trials[n]).arch_name for n in summary["rescored"]}
+        results["finalist_search"] = {
+            "arch": r.arch.to_dict(), "proxy": r.score, "trial": best.number,
+            "seconds": time.perf_counter() - t0,  # this process's (a resumed search: its part)
+            "trained": summary["trained"],
+            "rescored": {names[n]: v for n, v in summary["rescored"].items()},
+            "proxy_order": [names[n] for n in sorted(summary["rescored"], key=lambda n: (
+                -study.trials[n].value, n))]}
+        save()
     units = results.setdefault("units", {})
+    if "finalist_search" in results:  # its pick's first seed is the finalist it trained
+        st = students(results, results["hand"])["tpe-finalists"]
+        key = f"{ident_of(st)[1]}/s{fin_cfg.seed}"
+        if key not in units and fin_cfg.seed in results["seeds"]:
+            study = create_or_load("tpe-finalists", fin_storage, fin_cfg)
+            out = work / "distilled" / key.replace("/", "_")
+            if reuse_finalist(fin_run, study, ident_of(st)[0], out):
+                units[key] = distill_seed(run, ident_of(st)[0], out, fin_cfg.seed, label=key)
+                save()
     while True:  # the top-k's seeds become known once the band's seed 0 is in
         todo = missing_units(results)
         if not todo or not args.here:
@@ -337,8 +411,9 @@ def main() -> int:
                 f"twice the pooled seed std {200 * pooled:.2f}), {100 * (rest - hrest):+.2f} on "
                 f"seeds {args.seeds[1:]} alone" + ("" if fits[name] else " [does NOT fit]"))
 
-    for name in [*top, *(["tpe-d800"] if "tpe-d800" in sts else [])]:
-        print(f"{name if name == 'tpe-d800' else 'top'}: {versus(name)}")
+    searched = [n for n in ("tpe-d800", "tpe-finalists") if n in sts]
+    for name in [*top, *searched]:
+        print(f"{name if name in searched else 'top'}: {versus(name)}")
     fit_top = [n for n in top if fits[n]]
     by_dev = max(fit_top, key=lambda n: statistics.mean(score(n, "dev", args.seeds)))
     by_test = max(fit_top, key=lambda n: statistics.mean(score(n, "test", args.seeds)))
@@ -363,6 +438,18 @@ def main() -> int:
                             "dev_agreement": u["dev_agreement"],
                             "teacher_test_score": u["teacher_test"], "selected": False,
                             "device": "cpu"})
+    if "finalist_search" in results:
+        finalist_search_report(fin_run, fin_storage, results, save, units)
+        for name, u in results["finalist_search"]["scores"].items():
+            ms = run.latency.ms(ArchConfig.from_name(name))
+            records.append({"task": "tweets", "budget": args.budget, "student": name,
+                            "kind": "search-finalist", "fits": teacher_ms / ms >= speedup,
+                            "arch": name, "latency_ms": ms, "speedup": teacher_ms / ms,
+                            "latency": "predicted", "seed": fin_cfg.seed,
+                            "dev_score": u["dev"], "test_score": u["test"],
+                            "dev_agreement": u["dev_agreement"],
+                            "teacher_test_score": units[next(iter(units))]["teacher_test"],
+                            "selected": False, "device": "cpu"})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{BENCH}.json").write_text(json.dumps(records, indent=1) + "\n")
     if "search" in results:

@@ -101,10 +101,20 @@ class SearchConfig:
     # (score, latency) as two objectives: a Pareto front (nsga2 always; tpe if set)
     multi_objective: bool = False
     # multi-fidelity: once the trials are in, the `rescore_top_k` best by the proxy are trained
-    # again by the distillation proxy for `rescore_steps` KD steps (teacher-initialised), and
-    # the best by that longer score is exported (0: the proxy's best, as scored)
+    # again, and the best by that longer score is exported (0: the proxy's best, as scored)
     rescore_top_k: int = Field(0, ge=0)
+    # how: "proxy" the distillation proxy for `rescore_steps` KD steps (teacher-initialised);
+    # "distill" the config's `distill` recipe in full, each finalist as `compress` trains the
+    # winner (kept in the run folder under finalists/: `compress` ships the winner's without
+    # training it again)
+    rescore_recipe: Literal["proxy", "distill"] = "proxy"
     rescore_steps: int = Field(800, ge=1)
+    # what decides among them: "proxy" the proxy's objective (proxy.objective), "metric" the
+    # task metric on dev, "agreement" agreement with the teacher's predictions (on the dev
+    # texts, or on task.unlabeled where it is given). benchmarks/best_in_space.py: among
+    # fully trained finalists, dev agreement separated the best student by 0.80 points where
+    # dev accuracy did by 0.05
+    rescore_objective: Literal["proxy", "metric", "agreement"] = "proxy"
 
     @model_validator(mode="after")
     def _differentiable_is_one_objective(self):
@@ -119,6 +129,14 @@ class SearchConfig:
         if self.strategy.startswith("nni-") and (self.multi_objective or self.sampler == "nsga2"):
             raise ValueError(f"search.strategy: {self.strategy} optimises one score; set "
                              "search.multi_objective: false and search.sampler: tpe")
+        return self
+
+    @model_validator(mode="after")
+    def _rescore_settings_need_a_top_k(self):
+        if not self.rescore_top_k and (self.rescore_recipe != "proxy"
+                                       or self.rescore_objective != "proxy"):
+            raise ValueError("search.rescore_recipe/rescore_objective: they set how the top k "
+                             "are re-scored; set search.rescore_top_k to k (e.g. 8)")
         return self
 
     @model_validator(mode="after")

@@ -232,7 +232,7 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     teacher_device = next(teacher.parameters()).device
     if intermediate:
         teacher.to(dev)
-    stopped = False
+    stopped = bool(state.get("early_stopped"))  # a run that stopped early is done
     features = TeacherFeatures(d.feature_cache_gb * 1e9)
     try:
         while state["step"] < total and not stopped:
@@ -248,7 +248,7 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
                 bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{state['curve'][-1][1]:.4f}",
                                 best=f"{state['best']:.4f}")
             if step % d.checkpoint_every == 0 or step == total or stopped:
-                state["seconds"] = time.perf_counter() - start
+                state.update(seconds=time.perf_counter() - start, early_stopped=stopped)
                 save_checkpoint(ckpt, modules={"weights": params},
                                 objects={"optimizer": opt, "scheduler": sched}, state=state)
     finally:

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
+import json
 import logging
 import math
+import shutil
 import time
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from tacnas.errors import UserError
+from tacnas.evaluators.checkpoint import read_state
 from tacnas.evaluators.metrics import se_key, worst
 from tacnas.evaluators.proxy import Stopped
-from tacnas.evaluators.training import Diverged
+from tacnas.evaluators.training import Diverged, check_finite
 from tacnas.nas.budget import Budget, floor_violation
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import WORKER, TrialRecord, TrialStatus
@@ -35,6 +40,7 @@ from tacnas.nas.study import (
     floor_unmet,
     min_retention,
     rescored,
+    run_folder,
     trained_count,
 )
 from tacnas.searchspace.arch import InvalidArch
@@ -260,32 +266,111 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
     return summary
 
 
+def rescore_setting(cfg) -> dict:
+    """What a re-score depends on: a study re-scored under another setting starts over."""
+    s = cfg.search
+    how = ({"recipe": "proxy", "steps": s.rescore_steps} if s.rescore_recipe == "proxy"
+           else {"recipe": "distill", "distill": dataclasses.asdict(cfg.distill)})
+    return {**how, "objective": s.rescore_objective}
+
+
+def _stored_setting(study: optuna.Study) -> dict | None:
+    attrs = study.user_attrs
+    if "rescore_setting" in attrs:
+        return attrs["rescore_setting"]
+    if "rescore_steps" in attrs:  # a study re-scored before the setting was kept
+        return {"recipe": "proxy", "steps": attrs["rescore_steps"], "objective": "proxy"}
+    return None
+
+
+def rescore_key(run: Run) -> str:
+    """The dev metric that decides among the re-scored (``search.rescore_objective``)."""
+    objective = run.cfg.search.rescore_objective
+    if objective == "proxy":
+        return run.proxy.score_key
+    if objective == "metric":
+        return run.data.metric
+    return "pool_agreement" if getattr(run.proxy, "pool_logits", None) is not None else "agreement"
+
+
 def rescore(run: Run, study: optuna.Study, k: int, steps: int) -> dict[int, float | None]:
     """Multi-fidelity (``search.rescore_top_k``): the ``k`` best feasible trials by the proxy
-    are trained again by the distillation proxy for ``steps`` KD steps, and ``best_trial``
-    then picks by that score. Each score is stored in the study as it is done (study user
-    attribute ``rescored``), so a resumed or repeated search re-scores only what is new."""
+    are trained again, by the distillation proxy for ``steps`` KD steps or by the ``distill``
+    recipe in full (``search.rescore_recipe``), and ``best_trial`` then picks by that longer
+    run's ``search.rescore_objective``. Each score is stored in the study as it is done (study
+    user attribute ``rescored``), so a resumed or repeated search re-scores only what is new;
+    a finalist's full training resumes from its checkpoint."""
+    setting = rescore_setting(run.cfg)
     scores = {str(n): v for n, v in rescored(study).items()}
+    if scores and _stored_setting(study) != setting:
+        log.warning("search.rescore_*: the study was re-scored under %s; re-scoring its top %d "
+                    "under %s", _stored_setting(study), k, setting)
+        scores = {}
     top = sorted(feasible_trained(study), key=lambda t: (-t.value, t.number))[:k]
     by_arch = {TrialRecord.read(t).arch_name: scores[str(t.number)] for t in
                study.get_trials(deepcopy=False) if str(t.number) in scores}
     todo = [t for t in top if str(t.number) not in scores]
-    proxy = run.proxy.longer(steps) if todo else None
-    for t in tqdm(todo, desc=f"re-score the top {k} at {steps} steps", unit="candidate",
+    full = run.cfg.search.rescore_recipe == "distill"
+    proxy = run.proxy.longer(steps) if todo and not full else None
+    what = "with the distill recipe" if full else f"at {steps} steps"
+    for t in tqdm(todo, desc=f"re-score the top {k} {what}", unit="candidate",
                   disable=not run.progress):
         rec = TrialRecord.read(t)
         if rec.arch_name in by_arch:  # the same architecture, trained by another trial
             score = by_arch[rec.arch_name]
         else:
             try:
-                result, _ = proxy.evaluate(rec.arch, progress=False)
-                score = result.score if math.isfinite(result.score) else None
-            except Diverged:
+                if full:
+                    metrics = finalist_metrics(run, study, rec.arch)
+                else:
+                    metrics = proxy.evaluate(rec.arch, progress=False)[0].metrics
+                score = metrics.get(rescore_key(run))
+                score = score if score is not None and math.isfinite(score) else None
+            except Diverged as e:
+                log.warning("re-scoring %s: %s", rec.arch_name, e)
                 score = None
         scores[str(t.number)] = by_arch[rec.arch_name] = score
         study.set_user_attr("rescored", scores)
         study.set_user_attr("rescore_steps", steps)
+        study.set_user_attr("rescore_setting", setting)
     return rescored(study)
+
+
+def finalist_dir(run: Run, study: optuna.Study, arch_name: str):
+    """Where ``search.rescore_recipe: distill`` trains a finalist (``out`` of ``distill``): one
+    folder per ``distill`` recipe, so a changed recipe never resumes another's checkpoint."""
+    recipe = json.dumps(dataclasses.asdict(run.cfg.distill), sort_keys=True)
+    tag = hashlib.sha256(recipe.encode()).hexdigest()[:10]
+    return run_folder(run.cfg.run_dir, study.study_name) / "finalists" / tag / arch_name
+
+
+def reuse_finalist(run: Run, study: optuna.Study, arch, out) -> Path | None:
+    """Before ``distill`` of ``arch`` into ``out``: the finalist's checkpoint and best model,
+    where ``search.rescore_recipe: distill`` trained it under this recipe, are copied in, so the
+    distillation resumes at its end. Returns the finalist folder, or None (``out`` untouched)."""
+    src = finalist_dir(run, study, arch.name)
+    if (run.cfg.search.rescore_recipe != "distill" or read_state(src / "checkpoint") is None
+            or not (src / "best" / "config.json").is_file() or (out / "checkpoint").exists()):
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoint", "best"):
+        shutil.rmtree(out / name, ignore_errors=True)
+        shutil.copytree(src / name, out / name)
+    return src
+
+
+def finalist_metrics(run: Run, study: optuna.Study, arch) -> dict:
+    """A finalist trained by the ``distill`` recipe (resumed from its checkpoint), scored as the
+    search scores its candidates: dev metrics, agreement with the teacher, where deployed."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tacnas.nas.distill import train_student
+
+    out = finalist_dir(run, study, arch.name)
+    train_student(run, arch, out)
+    model = AutoModelForSequenceClassification.from_pretrained(out / "best").eval()
+    check_finite(model, what=f"finalist {arch.name}", lr_key="distill.lr")
+    return run.proxy.final_scores(model)[0]
 
 
 def _best_text(study: optuna.Study) -> str:

@@ -113,8 +113,12 @@ def status_text(study: optuna.Study) -> str:
         if frac is not None and len(study.directions) == 1:
             title = "fastest keeping the floor"
         if longer := rescored(study):
-            title += (f" after re-scoring the top {len(longer)} at "
-                      f"{study.user_attrs.get('rescore_steps')} KD steps (" + ", ".join(
+            how = study.user_attrs.get("rescore_setting") or {"recipe": "proxy"}
+            by = {"proxy": "", "metric": f" by dev {metric}",
+                  "agreement": " by agreement with the teacher"}.get(how.get("objective"), "")
+            title += (f" after re-scoring the top {len(longer)} " + (
+                "with the distill recipe" if how["recipe"] == "distill" else
+                f"at {study.user_attrs.get('rescore_steps')} KD steps") + by + " (" + ", ".join(
                           f"#{n} {'diverged' if v is None else f'{v:.4f}'}"
                           for n, v in sorted(longer.items())) + ")")
         lines.append(f"{title}: " + ", ".join(_brief(t) for t in best))

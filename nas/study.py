@@ -119,7 +119,8 @@ def make_pruner(cfg: RunConfig):
 # what a resumed study may change: how long to go on, re-scoring its best trials after them
 # (search.rescore_*: the trials stay the same), and the final distillation
 _IGNORED_FOR_MATCH = {("search", "n_trials"), ("search", "timeout"), ("search", "rescore_top_k"),
-                      ("search", "rescore_steps"), ("distill",)}
+                      ("search", "rescore_steps"), ("search", "rescore_recipe"),
+                      ("search", "rescore_objective"), ("distill",)}
 
 
 def _differences(a: dict, b: dict, prefix=()) -> list[str]:

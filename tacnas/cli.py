@@ -169,6 +169,7 @@ def cmd_compress(args) -> int:
     from tacnas.nas.deploy import parse_runtimes
     from tacnas.nas.distill import distill
     from tacnas.nas.export import check_out, pick_trial, search_summary
+    from tacnas.nas.optuna_search import reuse_finalist
     from tacnas.nas.report import comparison_text
     from tacnas.nas.study import arch_of, check_name, run_folder
 
@@ -182,6 +183,8 @@ def cmd_compress(args) -> int:
     trial = pick_trial(study, None)
     print(f"\ndistilling the best student, trial #{trial.number} ({arch_of(trial).name}), with "
           f"the config's distill recipe into {out}")
+    if reused := reuse_finalist(run, study, arch_of(trial), out):
+        print(f"(search.rescore_recipe: distill trained it already: continuing from {reused})")
     report = distill(run, arch_of(trial), out, label=f"distilled (trial #{trial.number})",
                      search=search_summary(study, trial),
                      budget_ms=study.user_attrs.get("budget_ms"), runtimes=runtimes)

@@ -222,3 +222,60 @@ def test_nni_strategy_without_nni_exits_2_with_the_install_line(project):
     p = cli("search", "--config", "tiny.yaml", "--set", "search.strategy=nni-evolution",
             cwd=project, check=False)
     assert p.returncode == 2 and "tacnas[nni]" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_compress_with_finalists_trains_the_top_k_fully_and_ships_the_chosen_one(project,
+                                                                                 monkeypatch):
+    from tacnas.evaluators.training import predict_logits
+    from tacnas.nas.config import load_config
+    from tacnas.nas.pipeline import prepare
+
+    recipe = ["--set", "distill.max_steps=20", "--set", "distill.eval_every=10"]
+    finalists = ["--set", "search.rescore_top_k=2", "--set", "search.rescore_recipe=distill"]
+    out = cli_here("compress", "--config", "tiny.yaml", "--study", "fin", "--n-trials", "4",
+                   *finalists, "--set", "search.rescore_objective=agreement", *recipe,
+                   "--out", "shipped", "--runtimes", "torch", cwd=project).stdout
+    study = _study(project, "fin")
+    top = sorted(feasible_trained(study), key=lambda t: (-t.value, t.number))[:2]
+    scores = {int(k): v for k, v in study.user_attrs["rescored"].items()}
+    assert set(scores) == {t.number for t in top}
+    # each score is the fully trained finalist's agreement with the teacher on dev
+    monkeypatch.chdir(project)
+    run = prepare(load_config("tiny.yaml", ["distill.max_steps=20", "distill.eval_every=10"]),
+                  progress=False)
+    tags = list((project / "runs" / "fin" / "finalists").iterdir())
+    assert len(tags) == 1
+    teacher_pred = run.proxy.dev_logits.argmax(-1)
+    for n, v in scores.items():
+        best = AutoModelForSequenceClassification.from_pretrained(
+            tags[0] / study.trials[n].user_attrs["arch_name"] / "best").eval()
+        agree = (predict_logits(best, run.data.dev).argmax(-1) == teacher_pred).float().mean()
+        assert v == pytest.approx(agree.item())
+    pick = max(scores, key=lambda n: (scores[n], study.trials[n].value, -n))
+    rep = json.loads((project / "shipped" / "report.json").read_text())
+    assert rep["trial"] == pick and "by agreement with the teacher" in out
+    # the winner is not trained twice: compress continues from the finalist's finished run
+    assert "trained it already" in out and rep["distill"]["steps_run"] == 20
+    state = tags[0] / study.trials[pick].user_attrs["arch_name"] / "checkpoint" / "state.json"
+    assert rep["distill"]["train_seconds"] == json.loads(state.read_text())["seconds"]
+    shipped = AutoModelForSequenceClassification.from_pretrained(project / "shipped").eval()
+    x = torch.randint(5, shipped.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(shipped(input_ids=x).logits, best_of(tags[0], study, pick)(input_ids=x)
+                           .logits)
+
+    # another objective re-decides from the same finalists, none trained again
+    before = state.read_text()
+    cli_here("search", "--config", "tiny.yaml", "--study", "fin", "--n-trials", "4", *finalists,
+             "--set", "search.rescore_objective=metric", *recipe, cwd=project)
+    again = {int(k): v for k, v in _study(project, "fin").user_attrs["rescored"].items()}
+    assert set(again) == set(scores) and state.read_text() == before
+    for n, v in again.items():
+        best = best_of(tags[0], study, n)
+        acc = (predict_logits(best, run.data.dev).argmax(-1) == run.data.dev.labels).float()
+        assert v == pytest.approx(acc.mean().item())
+
+
+def best_of(folder: Path, study: optuna.Study, n: int):
+    return AutoModelForSequenceClassification.from_pretrained(
+        folder / study.trials[n].user_attrs["arch_name"] / "best").eval()

@@ -196,3 +196,14 @@ def test_a_checkpoint_killed_at_any_point_of_its_swap_reads_and_saves_again(tmp_
     assert resume(folder, modules={"net": net}, objects={"opt": opt}) == {"step": 3}
     save(4)
     assert read_state(folder) == {"step": 4} and not old.exists()
+
+
+def test_an_early_stopped_distillation_run_again_is_done(tiny_run, project):
+    # no learning (lr ~0): the second evaluation brings nothing, and patience 1 stops it there
+    run = tiny_run("distill.max_steps=100", "distill.eval_every=5", "distill.patience=1",
+                   "distill.lr=1e-12", "distill.hidden_weight=0", "distill.attention_weight=0")
+    first = train_student(run, SMALL, project / "out")
+    assert first["early_stopped"] and first["steps_run"] == 10
+    again = train_student(run, SMALL, project / "out")
+    assert again["early_stopped"] and again["steps_run"] == 10
+    assert again["train_seconds"] == first["train_seconds"]

@@ -188,6 +188,13 @@ def test_rescoring_the_top_k_picks_by_the_longer_score_and_resumes(tmp_path):
     again = with_rescore(fake_run(tmp_path, "tpe", n_trials=12), 4)
     run_search(again, _study(again), n_trials=12, timeout=None)
     assert again.proxy.rescorer is None and best_trial(_study(again)).number == pick.number
+    # ... and a re-score under another setting starts over (no score of 50 steps kept)
+    longer_run = with_rescore(fake_run(tmp_path, "tpe", n_trials=12), 4)
+    longer_run.cfg = dataclasses.replace(longer_run.cfg, search=dataclasses.replace(
+        longer_run.cfg.search, rescore_steps=60))
+    run_search(longer_run, _study(longer_run), n_trials=12, timeout=None)
+    assert len(longer_run.proxy.rescorer.trained) == len(run.proxy.rescorer.trained)
+    assert _study(longer_run).user_attrs["rescore_setting"]["steps"] == 60
 
 
 def test_rescoring_is_refused_where_it_cannot_pick_one_score():
@@ -202,3 +209,6 @@ def test_rescoring_is_refused_where_it_cannot_pick_one_score():
         with pytest.raises(UserError, match="search.rescore_top_k"):
             config_from_dict({**base, "search": {"rescore_top_k": 3, **search},
                               "budget": {"speedup": 2.0, **budget}})
+    with pytest.raises(UserError, match="search.rescore_recipe/rescore_objective"):
+        config_from_dict({**base, "search": {"rescore_recipe": "distill"},
+                          "budget": {"speedup": 2.0}})
