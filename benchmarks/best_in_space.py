@@ -156,6 +156,17 @@ def proxy_objectives(run, results: dict, save, units: dict, top: list[str]) -> N
         t_top = kendalltau([scores[n][obj] for n in top], [mean_test[n] for n in top]).statistic
         print(f"  proxy {obj:9s}: vs seed {first}'s final test {t_test:.3f}, its final dev "
               f"{t_dev:.3f} ({len(band)}); vs the top {len(top)}'s 3-seed test mean {t_top:.3f}")
+    # where the proxy errs: students with a factorized embedding (E < H) start the proxy from
+    # the supernet's trained E x H projection, the final recipe from the teacher's truncated one
+    for label, keep in (("E = H", True), ("E < H", False)):
+        part = [n for n in band if (ArchConfig.from_name(n).embedding_size
+                                    == ArchConfig.from_name(n).hidden_size) == keep]
+        fit = kendalltau([scores[n]["accuracy"] for n in part],
+                         [final[n]["test"] for n in part])
+        print(f"  {label} ({len(part)}): proxy accuracy vs seed {first}'s final test: tau "
+              f"{fit.statistic:.3f} (p {fit.pvalue:.1g}); proxy mean "
+              f"{statistics.mean(scores[n]['accuracy'] for n in part):.4f}, final test mean "
+              f"{statistics.mean(final[n]['test'] for n in part):.4f}")
 
 
 def finalists(run, results: dict, save, units: dict, k: int, work: Path, distill_seed) -> dict:
