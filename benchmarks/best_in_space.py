@@ -125,7 +125,8 @@ def missing_units(results: dict) -> list[dict]:
     return out
 
 
-def proxy_objectives(run, results: dict, save, units: dict, top: list[str]) -> None:
+def proxy_objectives(run, results: dict, save, units: dict, top: list[str],
+                     distill_run=None) -> None:
     """The config's proxy (the search's default) scores every band architecture once; Kendall
     tau of its two objectives, dev accuracy and dev agreement with the teacher, against the
     finals: is agreement the better ranking before the final recipe too?"""
@@ -157,16 +158,35 @@ def proxy_objectives(run, results: dict, save, units: dict, top: list[str]) -> N
         print(f"  proxy {obj:9s}: vs seed {first}'s final test {t_test:.3f}, its final dev "
               f"{t_dev:.3f} ({len(band)}); vs the top {len(top)}'s 3-seed test mean {t_top:.3f}")
     # where the proxy errs: students with a factorized embedding (E < H) start the proxy from
-    # the supernet's trained E x H projection, the final recipe from the teacher's truncated one
-    for label, keep in (("E = H", True), ("E < H", False)):
-        part = [n for n in band if (ArchConfig.from_name(n).embedding_size
-                                    == ArchConfig.from_name(n).hidden_size) == keep]
-        fit = kendalltau([scores[n]["accuracy"] for n in part],
-                         [final[n]["test"] for n in part])
-        print(f"  {label} ({len(part)}): proxy accuracy vs seed {first}'s final test: tau "
-              f"{fit.statistic:.3f} (p {fit.pvalue:.1g}); proxy mean "
-              f"{statistics.mean(scores[n]['accuracy'] for n in part):.4f}, final test mean "
-              f"{statistics.mean(final[n]['test'] for n in part):.4f}")
+    # the supernet's trained E x H projection, the final recipe from the teacher's truncated
+    # one; the distillation proxy (200 steps) starts where the final recipe starts
+    others = results.setdefault("proxy_scores_by", {})
+    if distill_run is not None:
+        d200 = others.setdefault("distill-200", {})
+        for name in results["band"]:
+            if name not in d200:
+                t0 = time.perf_counter()
+                result, _ = distill_run.proxy.evaluate(ArchConfig.from_name(name),
+                                                       progress=False)
+                d200[name] = {"accuracy": result.metrics["accuracy"],
+                              "agreement": result.metrics["agreement"],
+                              "seconds": time.perf_counter() - t0}
+                save()
+    for proxy_name, these in (("supernet-20", scores), *others.items()):
+        if len(these) < len(band):
+            continue
+        for label, keep in (("all", None), ("E = H", True), ("E < H", False)):
+            part = [n for n in band if keep is None or (ArchConfig.from_name(n).embedding_size
+                                                        == ArchConfig.from_name(n).hidden_size)
+                    == keep]
+            fit = kendalltau([these[n]["accuracy"] for n in part],
+                             [final[n]["test"] for n in part])
+            print(f"  {proxy_name} {label} ({len(part)}): proxy accuracy vs seed {first}'s "
+                  f"final test: tau {fit.statistic:.3f} (p {fit.pvalue:.1g}); proxy mean "
+                  f"{statistics.mean(these[n]['accuracy'] for n in part):.4f}, final test "
+                  f"mean {statistics.mean(final[n]['test'] for n in part):.4f}"
+                  + (f"; {statistics.mean(v['seconds'] for v in these.values()):.1f} s each"
+                     if keep is None else ""))
 
 
 def finalists(run, results: dict, save, units: dict, k: int, work: Path, distill_seed) -> dict:
@@ -436,7 +456,10 @@ def main() -> int:
           f"label-free objective): {versus(by_agree)}")
     print(f"best by test (chosen by the test set itself: no rule can use it): {versus(by_test)}")
     if args.proxy_scores:
-        proxy_objectives(run, results, save, units, top)
+        # the 200-step distillation proxy too (teacher-initialised, as the final recipe starts)
+        distill_run = prepare(load_config(args.config, [*over, "proxy.kind=distill",
+                                                        "proxy.steps=200"]), progress=True)
+        proxy_objectives(run, results, save, units, top, distill_run)
     if args.finalists:
         for name, u in finalists(run, results, save, units, args.finalists, work,
                                  distill_seed).items():

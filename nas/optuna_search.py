@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import optuna
+from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
@@ -367,7 +368,11 @@ def finalist_metrics(run: Run, study: optuna.Study, arch) -> dict:
     from tacnas.nas.distill import train_student
 
     out = finalist_dir(run, study, arch.name)
-    train_student(run, arch, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # workers of one study re-score the same finalists: one trains, the others then find its
+    # finished checkpoint (a resume that trains nothing)
+    with FileLock(str(out) + ".lock"):
+        train_student(run, arch, out)
     model = AutoModelForSequenceClassification.from_pretrained(out / "best").eval()
     check_finite(model, what=f"finalist {arch.name}", lr_key="distill.lr")
     return run.proxy.final_scores(model)[0]
