@@ -172,13 +172,12 @@ def proxy_objectives(run, results: dict, save, units: dict, top: list[str],
                               "agreement": result.metrics["agreement"],
                               "seconds": time.perf_counter() - t0}
                 save()
+    whole = {n: (a := ArchConfig.from_name(n)).embedding_size == a.hidden_size for n in band}
     for proxy_name, these in (("supernet-20", scores), *others.items()):
         if len(these) < len(band):
             continue
         for label, keep in (("all", None), ("E = H", True), ("E < H", False)):
-            part = [n for n in band if keep is None or (ArchConfig.from_name(n).embedding_size
-                                                        == ArchConfig.from_name(n).hidden_size)
-                    == keep]
+            part = [n for n in band if keep is None or whole[n] == keep]
             fit = kendalltau([these[n]["accuracy"] for n in part],
                              [final[n]["test"] for n in part])
             print(f"  {proxy_name} {label} ({len(part)}): proxy accuracy vs seed {first}'s "
@@ -482,7 +481,8 @@ def main() -> int:
                             "latency": "predicted", "seed": fin_cfg.seed,
                             "dev_score": u["dev"], "test_score": u["test"],
                             "dev_agreement": u["dev_agreement"],
-                            "teacher_test_score": units[next(iter(units))]["teacher_test"],
+                            "teacher_test_score": score("first-layer", "teacher_test",
+                                                        args.seeds[:1])[0],
                             "selected": False, "device": "cpu"})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{BENCH}.json").write_text(json.dumps(records, indent=1) + "\n")

@@ -83,7 +83,12 @@ class DistillationProxy:
     @property
     def score_key(self) -> str:
         """The key of the metrics dict that ranks candidates (``proxy.objective``)."""
-        if self.objective == "metric":
+        return self.key_for(self.objective)
+
+    def key_for(self, objective: str) -> str:
+        """The metrics key of an objective: ``metric`` the task metric, ``agreement`` agreement
+        with the teacher (on the unlabeled pool where there is one)."""
+        if objective == "metric":
             return self.data.metric
         return "pool_agreement" if self.pool_logits is not None else "agreement"
 

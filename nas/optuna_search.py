@@ -41,6 +41,7 @@ from tacnas.nas.study import (
     floor_unmet,
     min_retention,
     rescored,
+    rescored_under,
     run_folder,
     trained_count,
 )
@@ -275,25 +276,6 @@ def rescore_setting(cfg) -> dict:
     return {**how, "objective": s.rescore_objective}
 
 
-def _stored_setting(study: optuna.Study) -> dict | None:
-    attrs = study.user_attrs
-    if "rescore_setting" in attrs:
-        return attrs["rescore_setting"]
-    if "rescore_steps" in attrs:  # a study re-scored before the setting was kept
-        return {"recipe": "proxy", "steps": attrs["rescore_steps"], "objective": "proxy"}
-    return None
-
-
-def rescore_key(run: Run) -> str:
-    """The dev metric that decides among the re-scored (``search.rescore_objective``)."""
-    objective = run.cfg.search.rescore_objective
-    if objective == "proxy":
-        return run.proxy.score_key
-    if objective == "metric":
-        return run.data.metric
-    return "pool_agreement" if getattr(run.proxy, "pool_logits", None) is not None else "agreement"
-
-
 def rescore(run: Run, study: optuna.Study, k: int, steps: int) -> dict[int, float | None]:
     """Multi-fidelity (``search.rescore_top_k``): the ``k`` best feasible trials by the proxy
     are trained again, by the distillation proxy for ``steps`` KD steps or by the ``distill``
@@ -303,9 +285,9 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int) -> dict[int, floa
     a finalist's full training resumes from its checkpoint."""
     setting = rescore_setting(run.cfg)
     scores = {str(n): v for n, v in rescored(study).items()}
-    if scores and _stored_setting(study) != setting:
+    if scores and (before := rescored_under(study)) != setting:
         log.warning("search.rescore_*: the study was re-scored under %s; re-scoring its top %d "
-                    "under %s", _stored_setting(study), k, setting)
+                    "under %s", before, k, setting)
         scores = {}
     top = sorted(feasible_trained(study), key=lambda t: (-t.value, t.number))[:k]
     by_arch = {TrialRecord.read(t).arch_name: scores[str(t.number)] for t in
@@ -314,6 +296,8 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int) -> dict[int, floa
     full = run.cfg.search.rescore_recipe == "distill"
     proxy = run.proxy.longer(steps) if todo and not full else None
     what = "with the distill recipe" if full else f"at {steps} steps"
+    objective = run.cfg.search.rescore_objective
+    key = run.proxy.score_key if objective == "proxy" else run.proxy.key_for(objective)
     for t in tqdm(todo, desc=f"re-score the top {k} {what}", unit="candidate",
                   disable=not run.progress):
         rec = TrialRecord.read(t)
@@ -325,14 +309,13 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int) -> dict[int, floa
                     metrics = finalist_metrics(run, study, rec.arch)
                 else:
                     metrics = proxy.evaluate(rec.arch, progress=False)[0].metrics
-                score = metrics.get(rescore_key(run))
+                score = metrics.get(key)
                 score = score if score is not None and math.isfinite(score) else None
             except Diverged as e:
                 log.warning("re-scoring %s: %s", rec.arch_name, e)
                 score = None
         scores[str(t.number)] = by_arch[rec.arch_name] = score
         study.set_user_attr("rescored", scores)
-        study.set_user_attr("rescore_steps", steps)
         study.set_user_attr("rescore_setting", setting)
     return rescored(study)
 

@@ -15,6 +15,7 @@ from tacnas.nas.study import (
     min_retention,
     pareto_front,
     rescored,
+    rescored_under,
     trained_count,
 )
 
@@ -113,14 +114,14 @@ def status_text(study: optuna.Study) -> str:
         if frac is not None and len(study.directions) == 1:
             title = "fastest keeping the floor"
         if longer := rescored(study):
-            how = study.user_attrs.get("rescore_setting") or {"recipe": "proxy"}
-            by = {"proxy": "", "metric": f" by dev {metric}",
-                  "agreement": " by agreement with the teacher"}.get(how.get("objective"), "")
-            title += (f" after re-scoring the top {len(longer)} " + (
-                "with the distill recipe" if how["recipe"] == "distill" else
-                f"at {study.user_attrs.get('rescore_steps')} KD steps") + by + " (" + ", ".join(
-                          f"#{n} {'diverged' if v is None else f'{v:.4f}'}"
-                          for n, v in sorted(longer.items())) + ")")
+            how = rescored_under(study)
+            recipe = ("with the distill recipe" if how["recipe"] == "distill"
+                      else f"at {how['steps']} KD steps")
+            by = {"metric": f" by dev {metric}",
+                  "agreement": " by agreement with the teacher"}.get(how["objective"], "")
+            scores = ", ".join(f"#{n} {'diverged' if v is None else f'{v:.4f}'}"
+                               for n, v in sorted(longer.items()))
+            title += f" after re-scoring the top {len(longer)} {recipe}{by} ({scores})"
         lines.append(f"{title}: " + ", ".join(_brief(t) for t in best))
     else:
         lines.append(floor_unmet(study) or "no trained candidate within the budget yet")

@@ -278,9 +278,20 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def rescored(study: optuna.Study) -> dict[int, float | None]:
-    """``search.rescore_top_k``: trial number -> its score at ``rescore_steps`` KD steps (None:
-    that training diverged); empty if the study was not re-scored."""
+    """``search.rescore_top_k``: trial number -> its score by the longer run (None: that
+    training diverged); empty if the study was not re-scored."""
     return {int(k): v for k, v in (study.user_attrs.get("rescored") or {}).items()}
+
+
+def rescored_under(study: optuna.Study) -> dict | None:
+    """The setting the study was re-scored under (``recipe``, ``steps`` or ``distill``,
+    ``objective``), or None; a study re-scored before it was kept: its ``rescore_steps``."""
+    attrs = study.user_attrs
+    if "rescore_setting" in attrs:
+        return attrs["rescore_setting"]
+    if "rescore_steps" in attrs:
+        return {"recipe": "proxy", "steps": attrs["rescore_steps"], "objective": "proxy"}
+    return None
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
