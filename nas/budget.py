@@ -23,6 +23,11 @@
   with itself); a trained candidate scoring under it violates the ``min_retention``
   constraint, and the search then ranks feasible candidates by latency, fastest first.
 
+- ``min_use`` is a floor on latency: a candidate predicted faster than that share of the
+  latency budget leaves it unused and is rejected untrained (``Verdict.unused``), as one over
+  it is; the floor is checked on the prediction (no guard band: a student just under the floor
+  is as good a choice as one just over it).
+
 ``Budget.check(arch)`` returns a ``Verdict``: the latency it used and where it came from, the
 parameter count and how far over the tightest budget the candidate is. The study keeps the
 teacher's lowest figure and the budget it gives (``teacher_ms``, ``budget_ms``); every trial
@@ -127,10 +132,16 @@ class Verdict:
     params: int
     violation: float  # how far over the tightest budget, as a fraction (<= 0: fits)
     seconds: float  # the check itself, without storage writes
+    floor_ms: float | None = None  # budget.min_use of the latency budget
 
     @property
     def fits(self) -> bool:
         return self.violation <= 0
+
+    @property
+    def unused(self) -> bool:
+        """Faster than ``budget.min_use`` of the budget: rejected for leaving it unused."""
+        return self.floor_ms is not None and self.latency_ms < self.floor_ms
 
 
 class Budget:
@@ -222,12 +233,29 @@ class Budget:
                     f"{fast:.2f} ms at batch {b.batch_size}, seq_len {b.seq_len}, over the budget "
                     f"of {self.budget_ms:.2f} ms (teacher {teacher_ms:.2f} ms); relax the budget "
                     "or add smaller choices to space")
+            if b.min_use is not None:
+                self._check_usable(space, teacher_ms)
         if b.max_params is not None:
             p = min(self.params_of(a) for a in space.check_valid())
             if p > b.max_params:
                 raise UserError(
                     f"budget.max_params={b.max_params}: the smallest candidate has {p} parameters;"
                     " raise it or add smaller choices (embedding_size shrinks the vocabulary matrix)")
+
+    def _check_usable(self, space, teacher_ms: float) -> None:
+        """``budget.min_use``: some candidate of the space lies between the floor and the
+        budget by the latency table, or the search could train nothing (measuring every
+        candidate to know, under ``budget.latency: measure``, would cost what the search does:
+        there ``search.max_rejections`` ends a search that finds none)."""
+        if self.latency.source != "predicted":
+            return
+        lo, hi = self.floor_ms, self.budget_ms
+        if any(lo <= self.latency.ms(a) <= hi for a in space.check_valid()):
+            return
+        raise UserError(
+            f"budget.min_use={self.cfg.min_use}: no candidate of the space is predicted between "
+            f"{lo:.2f} and {hi:.2f} ms (teacher {teacher_ms:.2f} ms); lower budget.min_use or "
+            "add choices to space")
 
     # -- checking
     def latency_of(self, arch: ArchConfig) -> tuple[float, str]:
@@ -239,10 +267,21 @@ class Budget:
             return self.latency.meter.arch_ms(arch), "measured (guard band)"
         return ms, self.latency.source
 
+    @property
+    def floor_ms(self) -> float | None:
+        """``budget.min_use`` in ms: candidates faster than this leave the budget unused."""
+        if self.cfg.min_use is None or self.budget_ms is None:
+            return None
+        return self.cfg.min_use * self.budget_ms
+
     def violation(self, latency_ms: float, params: int) -> float:
+        """How far outside the budget, as a fraction of it (<= 0: fits): over the latency or
+        parameter budget, or under ``budget.min_use`` of the latency budget."""
         out = [-1.0]
         if self.budget_ms is not None:
             out.append(latency_ms / self.budget_ms - 1.0)
+            if self.cfg.min_use is not None:
+                out.append(self.cfg.min_use - latency_ms / self.budget_ms)
         if self.cfg.max_params is not None:
             out.append(params / self.cfg.max_params - 1.0)
         return max(out)
@@ -252,7 +291,8 @@ class Budget:
         ms, source = self.latency_of(arch)
         params = self.params_of(arch)
         return Verdict(ms, source, self.latency.raw(arch), self.latency.scale, self.budget_ms,
-                       params, self.violation(ms, params), time.perf_counter() - t0)
+                       params, self.violation(ms, params), time.perf_counter() - t0,
+                       self.floor_ms)
 
 
 def floor_score(min_retention: float | None, teacher_dev: dict, key: str) -> float | None:

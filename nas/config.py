@@ -72,6 +72,11 @@ class BudgetConfig:
     # an accuracy floor: the fastest student whose dev score (task.metric, or agreement with
     # the teacher under proxy.objective: agreement) is at least this fraction of the teacher's
     min_retention: float | None = Field(None, gt=0, le=1)
+    # a floor on using the latency budget: a candidate predicted faster than this fraction of
+    # it is rejected untrained, like one over it (benchmarks/best_in_space.py: at 4x@1 every
+    # search that left a quarter of the budget unused found a weaker student than the best of
+    # those within 0.85-1 of it; a short proxy does not see what the spare latency buys)
+    min_use: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _some_budget(self):
@@ -79,6 +84,11 @@ class BudgetConfig:
                 and self.min_retention is None:
             raise ValueError("give at least one of budget.latency_ms, budget.speedup, "
                              "budget.max_params, budget.min_retention")
+        if self.min_use is not None and (self.latency_ms is None and self.speedup is None
+                                         or self.min_retention is not None):
+            raise ValueError("budget.min_use: it is a share of a latency budget to use; give "
+                             "budget.latency_ms or budget.speedup, and no budget.min_retention "
+                             "(that one looks for the fastest student)")
         return self
 
 

@@ -1,7 +1,7 @@
 """The Optuna search: each trial samples a candidate, checks it against the budget, and trains
 only a feasible one.
 
-A candidate over budget is checked in milliseconds, recorded with its latency and a positive
+A candidate over budget (or under ``budget.min_use`` of it) is checked in milliseconds, recorded with its latency and a positive
 ``budget`` constraint (``trial.set_constraint``, which Optuna 5's TPE and NSGA-II samplers read),
 and never trained. An architecture already checked or trained (by this or another worker) is
 reused, never trained twice. ``run_search`` runs trials until the study holds ``n_trials``
@@ -112,7 +112,8 @@ class Objective:
         trial.set_constraint("budget", v.violation)
         if not v.fits:
             self._floor(trial, None)
-            dataclasses.replace(rec, status=TrialStatus.OVER_BUDGET).write(trial, "status")
+            status = TrialStatus.UNUSED if v.unused else TrialStatus.OVER_BUDGET
+            dataclasses.replace(rec, status=status).write(trial, "status")
             return self._values(self.worst, v.latency_ms)
 
         def report(step: int, score: float) -> bool:
@@ -244,7 +245,8 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
                "exhausted": streak["exhausted"], "budget_ms": budget.budget_ms}
     if streak["exhausted"]:
         log.warning(
-            "stopped after %d candidates in a row were over budget, invalid or already trained: "
+            "stopped after %d candidates in a row were outside the budget, invalid or already "
+            "trained: "
             "the feasible part of the space may be exhausted (%d trained)",
             run.cfg.search.max_rejections, summary["trained"],
         )

@@ -31,6 +31,7 @@ class TrialStatus(str, enum.Enum):
     TRAINED = "trained"  # within budget, trained by the proxy, scored
     PRUNED = "pruned"  # within budget, training stopped early by the pruner
     OVER_BUDGET = "over_budget"  # checked (latency, params) and rejected, never trained
+    UNUSED = "unused_budget"  # faster than budget.min_use of the budget: rejected, never trained
     INVALID = "invalid"  # the sampled combination is not an architecture
     DUPLICATE = "duplicate"  # the architecture was already checked or trained: reused
     DIVERGED = "diverged"  # within budget, but its training diverged (non-finite): Optuna FAIL

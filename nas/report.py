@@ -94,6 +94,11 @@ def status_text(study: optuna.Study) -> str:
     floor_line = ([] if frac is None else [
         f"accuracy floor: the fastest candidate keeping {frac:.1%} of the teacher's score "
         f"(score >= {_fmt(floor, '.4f')})"])
+    if (use := attrs.get("config", {}).get("budget", {}).get("min_use")) is not None:
+        unused = sum(TrialRecord.read(t).status is TrialStatus.UNUSED
+                     for t in study.get_trials(deepcopy=False))
+        floor_line.append(f"budget use: candidates predicted under {use:.0%} of the budget are "
+                          f"rejected untrained ({unused} so far)")
     lines = [
         f"study {study.study_name}: {len(rows)} trials, {trained_count(study)} trained "
         f"(target {attrs.get('n_trials', '-')}), space of {attrs.get('space_size', '?')} "
@@ -206,7 +211,8 @@ def write_report(study: optuna.Study, out) -> dict:
     trained = [t for t in trials if t.state.name == "COMPLETE" and rec[t.number].trained]
     feasible = feasible_trained(study)
     infeasible = [t for t in trained if t not in feasible]
-    rejected = [t for t in trials if rec[t.number].status is TrialStatus.OVER_BUDGET]
+    rejected = [t for t in trials if rec[t.number].status in (TrialStatus.OVER_BUDGET,
+                                                              TrialStatus.UNUSED)]
     front = pareto_front(feasible)
     metric = _metric(study)
 
@@ -226,7 +232,7 @@ def write_report(study: optuna.Study, out) -> dict:
     if rejected:
         low = min(score(trained)) if trained else 0.0
         ax.scatter(lat(rejected), [low] * len(rejected), marker="|", s=200, c="tab:gray",
-                   label="over budget (rejected, never trained)")
+                   label="outside the budget (rejected, never trained)")
     if budget is not None:
         ax.axvline(budget, ls="--", c="tab:red", label=f"budget {budget:.2f} ms")
     ax.set_xlabel("latency (ms)")

@@ -226,7 +226,8 @@ def trained_count(study: optuna.Study) -> int:
 def finished_same_arch(study: optuna.Study, name: str, number: int) -> FrozenTrial | None:
     """A finished trial that checked (and trained, if it fit) the architecture ``name``; a
     diverged one counts too (the same training would diverge again)."""
-    done = (TrialStatus.TRAINED, TrialStatus.OVER_BUDGET, TrialStatus.DIVERGED)
+    done = (TrialStatus.TRAINED, TrialStatus.OVER_BUDGET, TrialStatus.UNUSED,
+            TrialStatus.DIVERGED)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         r = TrialRecord.read(t)
         if t.number != number and r.arch_name == name and r.status in done:

@@ -231,17 +231,20 @@ def _synthetic_split(n: int, seed: int) -> Split:
 
 
 def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna",
-             se: float | None = None, min_retention: float | None = None):
+             se: float | None = None, min_retention: float | None = None,
+             min_use: float | None = None, predicted: bool = False):
     """A search on a synthetic evaluator: latency is the architecture's FLOPs (measured and
     predicted alike), the proxy's score is ``true_score``, so the feasible optimum is known
-    (``speedup=None``: no latency budget; ``min_retention``: an accuracy floor, teacher 0.9).
+    (``speedup=None``: no latency budget; ``min_retention``: an accuracy floor, teacher 0.9;
+    ``min_use``: a floor on the budget's use; ``predicted``: a latency table predicting exactly
+    what is measured, as the differentiable search always has).
     With ``strategy: differentiable`` it also has what that search trains: a random BERT
     teacher (4 layers, hidden 128, 8 heads of 16, FFN 256), random token data and logits."""
     cfg = config_from_dict(dict(
         task=dict(dataset="x.csv"), teacher=dict(model="t"),
         space=dict(num_layers=[1, 2, 3, 4], hidden_size=[32, 64, 96, 128],
                    intermediate_size=[64, 128, 256]),
-        budget=dict(speedup=speedup, min_retention=min_retention),
+        budget=dict(speedup=speedup, min_retention=min_retention, min_use=min_use),
         search=dict(sampler=sampler, n_trials=n_trials, n_startup_trials=4, max_rejections=60,
                     strategy=strategy),
         differentiable=dict(steps=12, warmup_steps=4, batch_size=8, log_every=4,
@@ -255,13 +258,14 @@ def fake_run(tmp_path, sampler="tpe", n_trials=12, speedup=2.0, strategy="optuna
         teacher_dev={"accuracy": 0.9}, teacher_params=1, progress=False, warnings=[],
         latency=MeasuredLatency(meter),
     )
+    if predicted or strategy == "differentiable":
+        meter.teacher_config = BertConfig(
+            vocab_size=99, hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
+            intermediate_size=256, max_position_embeddings=32, num_labels=2)
+        run.latency = PredictedLatency(FlopsTable(), meter)
     if strategy == "differentiable":
         torch.manual_seed(0)
-        teacher = BertForSequenceClassification(BertConfig(
-            vocab_size=99, hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
-            intermediate_size=256, max_position_embeddings=32, num_labels=2)).eval()
-        meter.teacher_config = teacher.config
-        run.latency = PredictedLatency(FlopsTable(), meter)
+        teacher = BertForSequenceClassification(meter.teacher_config).eval()
         run.teacher = SimpleNamespace(model=teacher)
         run.data = TaskData(_synthetic_split(64, 1), _synthetic_split(32, 2),
                             _synthetic_split(32, 3), ["a", "b"], "accuracy")

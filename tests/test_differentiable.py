@@ -3,6 +3,8 @@ trial it writes for status/export."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -167,6 +169,20 @@ def test_derivation_respects_the_budget(diff_run):
         return sum(float(lp[n][index[n][params[n]]]) for n in lp)
     fitting = [a for a in run.space.all_archs() if run.latency.ms(a) <= budget]
     assert logp(arch) == pytest.approx(max(logp(a) for a in fitting))
+    # budget.min_use just above that pick, so the pick must move: the most likely of those
+    # between the floor and the budget (those predicted within the guard band of the budget
+    # are measured, and may land either side)
+    sure = (1 - run.cfg.budget.guard_band) * budget
+    above = sorted(ms for a in fitting if run.latency.ms(arch) < (ms := run.latency.ms(a)) < sure)
+    assert above
+    use = above[0] / budget
+    floored = Budget(dataclasses.replace(run.cfg.budget, min_use=use), run.latency,
+                     run.params_of, budget_ms=budget)
+    arch, how = derive(run, net, alpha, floored)
+    v = floored.check(arch)
+    assert v.fits and not v.unused and v.latency_ms >= use * budget
+    assert logp(arch) >= max(logp(a) for a in fitting
+                             if use * budget <= run.latency.ms(a) < sure) - 1e-6
 
 
 def test_a_killed_search_resumes_at_its_checkpoint_step(diff_run, project, monkeypatch):

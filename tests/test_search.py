@@ -7,6 +7,7 @@ import pytest
 
 from tacnas.errors import UserError
 from tacnas.nas.optuna_search import run_search
+from tacnas.nas.report import status_text
 from tacnas.nas.study import best_trials, create_or_load, default_storage
 from tests.conftest import fake_run, true_score
 
@@ -71,6 +72,51 @@ def test_unreachable_budget_is_a_user_error(tmp_path):
     run = fake_run(tmp_path, "tpe", speedup=1000.0)
     with pytest.raises(UserError, match=r"budget\.speedup=1000.0: the fastest candidate"):
         run_search(run, _study(run), n_trials=3, timeout=None)
+
+
+def test_min_use_rejects_untrained_what_leaves_the_budget_unused(tmp_path):
+    run = fake_run(tmp_path, "tpe", n_trials=8, min_use=0.6)
+    study = _study(run)
+    run_search(run, study, n_trials=8, timeout=None)
+    budget = study.user_attrs["budget_ms"]
+    floor = 0.6 * budget
+    assert run.proxy.trained and all(floor <= run.meter.arch_ms(a) <= budget
+                                     for a in run.proxy.trained)
+    unused = [t for t in study.trials if t.user_attrs.get("status") == "unused_budget"]
+    assert unused  # the space's fast half was proposed, and turned away
+    for t in unused:
+        assert t.user_attrs["latency_ms"] < floor and t.constraints["budget"] > 0
+        assert t.user_attrs["arch"] not in [a.to_dict() for a in run.proxy.trained]
+    best = best_trials(study)[0]
+    assert floor <= best.user_attrs["latency_ms"] <= budget
+    assert (f"budget use: candidates predicted under 60% of the budget are rejected untrained "
+            f"({len(unused)} so far)") in status_text(study)
+
+
+def test_a_min_use_no_candidate_meets_is_a_user_error(tmp_path):
+    run = fake_run(tmp_path, "tpe", predicted=True)
+    budget = run.meter.teacher_ms() / 2.0
+    slowest_fit = max(ms for a in run.space.all_archs()
+                      if (ms := run.meter.arch_ms(a)) <= budget)
+    assert slowest_fit < budget
+    use = round((slowest_fit / budget + 1.0) / 2, 6)  # between the best fit and the budget
+    run = fake_run(tmp_path, "tpe", predicted=True, min_use=use)
+    with pytest.raises(UserError, match=rf"budget\.min_use={use}: no candidate of the space is "
+                                        "predicted between"):
+        run_search(run, _study(run), n_trials=3, timeout=None)
+    assert not run.proxy.trained
+
+
+def test_min_use_needs_a_latency_budget():
+    from tacnas.nas.config import config_from_dict
+
+    base = dict(task=dict(dataset="x.csv"), teacher=dict(model="t"),
+                space=dict(num_layers=[1, 2], hidden_size=[32, 64], intermediate_size=[64]))
+    assert config_from_dict({**base, "budget": {"latency_ms": 5.0, "min_use": 0.8}}).budget.min_use
+    for budget in ({"max_params": 10**6, "min_use": 0.8},
+                   {"speedup": 2.0, "min_retention": 0.95, "min_use": 0.8}):
+        with pytest.raises(UserError, match=r"budget\.min_use: it is a share of a latency"):
+            config_from_dict({**base, "budget": budget})
 
 
 def test_a_different_config_under_the_same_study_name_is_refused(tmp_path):
