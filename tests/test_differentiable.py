@@ -4,7 +4,6 @@ trial it writes for status/export."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 
