@@ -22,8 +22,11 @@ label-free objective), each the mean over the seeds; and by the test set, which 
 ``--proxy-scores`` scores the band with the config's proxy (the search's default) under both
 objectives and prints their Kendall tau against the finals; ``--finalists K`` then finishes
 the proxy's K best once on this CPU and chooses among them by both rules (a multi-fidelity
-search over the band). One latency pass measures the top-k, the search's
-pick and the first layer against the teacher (the others keep the table's prediction).
+search over the band). ``--finalist-search [NAME]`` runs the shipped multi-fidelity search
+end to end (``tpe-finalists``: TPE, the default proxy, its 8 best trained in full and chosen
+by dev agreement; ``tpe-finalists-use85``: the same with ``budget.min_use: 0.85``). One
+latency pass measures the top-k, the searches' picks and the first layer against the teacher
+(the others keep the table's prediction).
 
 Resumable: the search is an Optuna study in ``--work``; each (student, seed) is written to
 ``--work``/results.json when done and skipped on rerun. The finals can run on a lent GPU
@@ -59,6 +62,14 @@ SEARCH = ["proxy.kind=distill", "proxy.steps=800"]  # tpe-d800: the config's TPE
 # multi-fidelity search as shipped (search.rescore_*), end to end
 FINALIST_SEARCH = ["search.rescore_top_k=8", "search.rescore_recipe=distill",
                    "search.rescore_objective=agreement"]
+# the finalist searches (--finalist-search NAME): student name -> (results key, overrides);
+# tpe-finalists-use85 is the same with budget.min_use 0.85: candidates predicted under 0.85 of
+# the budget rejected untrained, so TPE's 20 trained candidates and the 8 finalists all come
+# from the top of the budget, where the band's best students are
+FINALIST_SEARCHES = {
+    "tpe-finalists": ("finalist_search", FINALIST_SEARCH),
+    "tpe-finalists-use85": ("finalist_search_use85", [*FINALIST_SEARCH, "budget.min_use=0.85"]),
+}
 BENCH = "best_in_space"
 
 
@@ -90,9 +101,9 @@ def students(results: dict, hand: dict) -> dict:
     out["first-layer"] = {**hand, "kind": "hand"}
     if "search" in results:
         out["tpe-d800"] = {"arch": results["search"]["arch"], "layers": None, "kind": "search"}
-    if "finalist_search" in results:
-        out["tpe-finalists"] = {"arch": results["finalist_search"]["arch"], "layers": None,
-                                "kind": "search"}
+    for name, (key, _) in FINALIST_SEARCHES.items():
+        if key in results:
+            out[name] = {"arch": results[key]["arch"], "layers": None, "kind": "search"}
     return out
 
 
@@ -222,19 +233,21 @@ def finalists(run, results: dict, save, units: dict, k: int, work: Path, distill
     return {n: done[n] for n in picked}
 
 
-def finalist_search_report(run, storage: str, results: dict, save, units: dict) -> None:
+def finalist_search_report(run, study_name: str, storage: str, results: dict, save,
+                           units: dict) -> None:
     """``--finalist-search``: each finalist's dev accuracy, dev agreement (what chose) and
     test accuracy (seed 0, as the search trained it on this CPU), proxy order first."""
     from transformers import AutoModelForSequenceClassification
 
+    from tacnas.evaluators.latency_table import teacher_arch
     from tacnas.evaluators.metrics import compute_metrics
     from tacnas.evaluators.training import predict_logits
     from tacnas.nas.optuna_search import finalist_dir
     from tacnas.nas.study import create_or_load
 
-    fs = results["finalist_search"]
+    fs = results[FINALIST_SEARCHES[study_name][0]]
     if "scores" not in fs:
-        study = create_or_load("tpe-finalists", storage, run.cfg)
+        study = create_or_load(study_name, storage, run.cfg)
         fs["scores"] = {}
         for name in fs["proxy_order"]:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -245,13 +258,17 @@ def finalist_search_report(run, storage: str, results: dict, save, units: dict) 
                                   "test": test["accuracy"]}
         save()
     pick = ArchConfig.from_dict(fs["arch"]).name
-    print(f"tpe-finalists search: {fs['seconds']:.0f} s on 2 cores (the TPE search, then its "
+    # use of the budget: the table's prediction against the table's teacher over the speedup
+    budget = run.latency.ms(teacher_arch(run.teacher.model.config)) / run.cfg.budget.speedup
+    print(f"{study_name} search: {fs['seconds']:.0f} s on 2 cores (the TPE search, then its "
           f"{len(fs['proxy_order'])} best by the proxy trained in full, seed 0), "
           f"{fs['trained']} trained candidates; chosen by dev agreement: {pick}")
     for rank, name in enumerate(fs["proxy_order"], 1):
         d = fs["scores"][name]
         three = [units.get(f"{name}/s{s}", {}).get("test") for s in results["seeds"]]
-        print(f"  proxy #{rank} {name}  dev {d['dev']:.4f}  agreement {d['dev_agreement']:.4f}"
+        use = run.latency.ms(ArchConfig.from_name(name)) / budget
+        print(f"  proxy #{rank} {name}  use {use:.2f}  dev {d['dev']:.4f}  agreement "
+              f"{d['dev_agreement']:.4f}"
               f"  test {d['test']:.4f}" + (f"  3-seed test mean {statistics.mean(three):.4f}"
                                            if None not in three else "")
               + ("  <- chosen" if name == pick else ""))
@@ -283,8 +300,10 @@ def main() -> int:
     ap.add_argument("--work", default="runs/bench_best_in_space")
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--no-search", action="store_true", help="skip the tpe-d800 search for now")
-    ap.add_argument("--finalist-search", action="store_true",
-                    help="run the shipped multi-fidelity search (tpe-finalists; hours on CPU)")
+    ap.add_argument("--finalist-search", action="append", nargs="?", const="tpe-finalists",
+                    choices=list(FINALIST_SEARCHES), default=[], metavar="NAME",
+                    help="run the shipped multi-fidelity search (tpe-finalists, or "
+                         "tpe-finalists-use85 with budget.min_use 0.85; about an hour on CPU)")
     ap.add_argument("--here", action="store_true", help="train the missing finals on this CPU")
     ap.add_argument("--proxy-scores", action="store_true",
                     help="score the band with the config's proxy, both objectives (CPU)")
@@ -327,33 +346,40 @@ def main() -> int:
                              "seconds": time.perf_counter() - t0, "trained": summary["trained"]}
         save()
 
-    fin_cfg = load_config(args.config, [*over, *FINALIST_SEARCH])
-    fin_run = dataclasses.replace(run, cfg=fin_cfg)  # the same proxy, the search's rescore_*
-    fin_storage = default_storage(fin_cfg.run_dir, "tpe-finalists")
-    if args.finalist_search and "finalist_search" not in results:
-        study = create_or_load("tpe-finalists", fin_storage, fin_cfg)
-        t0 = time.perf_counter()
-        summary = search(fin_run, study, n_trials=fin_cfg.search.n_trials, timeout=None)
-        best = best_trial(study)
-        r = TrialRecord.read(best)
-        names = {n: TrialRecord.read(study.trials[n]).arch_name for n in summary["rescored"]}
-        results["finalist_search"] = {
-            "arch": r.arch.to_dict(), "proxy": r.score, "trial": best.number,
-            "seconds": time.perf_counter() - t0,  # this process's (a resumed search: its part)
-            "trained": summary["trained"],
-            "rescored": {names[n]: v for n, v in summary["rescored"].items()},
-            "proxy_order": [names[n] for n in sorted(summary["rescored"], key=lambda n: (
-                -study.trials[n].value, n))]}
-        save()
+    fin = {}  # finalist search name -> (its run, its storage)
+    for name, (key, extra) in FINALIST_SEARCHES.items():
+        fin_cfg = load_config(args.config, [*over, *extra])
+        fin_run = dataclasses.replace(run, cfg=fin_cfg)  # the same proxy, the search's rescore_*
+        fin_storage = default_storage(fin_cfg.run_dir, name)
+        fin[name] = fin_run, fin_storage
+        if name in args.finalist_search and key not in results:
+            study = create_or_load(name, fin_storage, fin_cfg)
+            t0 = time.perf_counter()
+            summary = search(fin_run, study, n_trials=fin_cfg.search.n_trials, timeout=None)
+            best = best_trial(study)
+            r = TrialRecord.read(best)
+            names = {n: TrialRecord.read(study.trials[n]).arch_name for n in summary["rescored"]}
+            results[key] = {
+                "arch": r.arch.to_dict(), "proxy": r.score, "trial": best.number,
+                "seconds": time.perf_counter() - t0,  # this process's (a resumed search: its part)
+                "trained": summary["trained"],
+                "rescored": {names[n]: v for n, v in summary["rescored"].items()},
+                "proxy_order": [names[n] for n in sorted(summary["rescored"], key=lambda n: (
+                    -study.trials[n].value, n))]}
+            save()
     units = results.setdefault("units", {})
-    if "finalist_search" in results:  # its pick's first seed is the finalist it trained
-        st = students(results, results["hand"])["tpe-finalists"]
-        key = f"{ident_of(st)[1]}/s{fin_cfg.seed}"
-        if key not in units and fin_cfg.seed in results["seeds"]:
-            study = create_or_load("tpe-finalists", fin_storage, fin_cfg)
-            out = work / "distilled" / key.replace("/", "_")
+    for name, (key, _) in FINALIST_SEARCHES.items():
+        if key not in results:
+            continue
+        fin_run, fin_storage = fin[name]  # its pick's first seed is the finalist it trained
+        st = students(results, results["hand"])[name]
+        ukey = f"{ident_of(st)[1]}/s{fin_run.cfg.seed}"
+        if ukey not in units and fin_run.cfg.seed in results["seeds"]:
+            study = create_or_load(name, fin_storage, fin_run.cfg)
+            out = work / "distilled" / ukey.replace("/", "_")
             if reuse_finalist(fin_run, study, ident_of(st)[0], out):
-                units[key] = distill_seed(run, ident_of(st)[0], out, fin_cfg.seed, label=key)
+                units[ukey] = distill_seed(run, ident_of(st)[0], out, fin_run.cfg.seed,
+                                           label=ukey)
                 save()
     while True:  # the top-k's seeds become known once the band's seed 0 is in
         todo = missing_units(results)
@@ -441,7 +467,7 @@ def main() -> int:
                 f"twice the pooled seed std {200 * pooled:.2f}), {100 * (rest - hrest):+.2f} on "
                 f"seeds {args.seeds[1:]} alone" + ("" if fits[name] else " [does NOT fit]"))
 
-    searched = [n for n in ("tpe-d800", "tpe-finalists") if n in sts]
+    searched = [n for n in ("tpe-d800", *FINALIST_SEARCHES) if n in sts]
     for name in [*top, *searched]:
         print(f"{name if name in searched else 'top'}: {versus(name)}")
     fit_top = [n for n in top if fits[n]]
@@ -471,14 +497,18 @@ def main() -> int:
                             "dev_agreement": u["dev_agreement"],
                             "teacher_test_score": u["teacher_test"], "selected": False,
                             "device": "cpu"})
-    if "finalist_search" in results:
-        finalist_search_report(fin_run, fin_storage, results, save, units)
-        for name, u in results["finalist_search"]["scores"].items():
-            ms = run.latency.ms(ArchConfig.from_name(name))
-            records.append({"task": "tweets", "budget": args.budget, "student": name,
-                            "kind": "search-finalist", "fits": teacher_ms / ms >= speedup,
-                            "arch": name, "latency_ms": ms, "speedup": teacher_ms / ms,
-                            "latency": "predicted", "seed": fin_cfg.seed,
+    for name, (key, _) in FINALIST_SEARCHES.items():
+        if key not in results:
+            continue
+        fin_run, fin_storage = fin[name]
+        finalist_search_report(fin_run, name, fin_storage, results, save, units)
+        for arch_name, u in results[key]["scores"].items():
+            ms = run.latency.ms(ArchConfig.from_name(arch_name))
+            records.append({"task": "tweets", "budget": args.budget, "student": arch_name,
+                            "kind": "search-finalist", "search": name,
+                            "fits": teacher_ms / ms >= speedup,
+                            "arch": arch_name, "latency_ms": ms, "speedup": teacher_ms / ms,
+                            "latency": "predicted", "seed": fin_run.cfg.seed,
                             "dev_score": u["dev"], "test_score": u["test"],
                             "dev_agreement": u["dev_agreement"],
                             "teacher_test_score": score("first-layer", "teacher_test",
