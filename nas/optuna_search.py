@@ -1,9 +1,9 @@
 """The Optuna search: each trial samples a candidate, checks it against the budget, and trains
 only a feasible one.
 
-A candidate over budget (or under ``budget.min_use`` of it) is checked in milliseconds, recorded with its latency and a positive
-``budget`` constraint (``trial.set_constraint``, which Optuna 5's TPE and NSGA-II samplers read),
-and never trained. An architecture already checked or trained (by this or another worker) is
+A candidate over budget (or under ``budget.min_use`` of it) is checked in milliseconds,
+recorded with its latency and a positive ``budget`` constraint (``trial.set_constraint``, which
+Optuna 5's TPE and NSGA-II samplers read), and never trained. An architecture already checked or trained (by this or another worker) is
 reused, never trained twice. ``run_search`` runs trials until the study holds ``n_trials``
 trained candidates; another library's strategy (NNI) can propose them instead of the sampler.
 """
