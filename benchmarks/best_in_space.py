@@ -233,6 +233,27 @@ def finalists(run, results: dict, save, units: dict, k: int, work: Path, distill
     return {n: done[n] for n in picked}
 
 
+def run_finalist_search(run, study) -> dict:
+    """A finalist search (``search.rescore_recipe: distill``) in ``study``: its pick, wall time
+    (this process's: a resumed search, its part), trained candidates, the finalists' scores and
+    their order by the proxy."""
+    from tacnas.nas.record import TrialRecord
+    from tacnas.nas.strategy import search
+    from tacnas.nas.study import best_trial
+
+    t0 = time.perf_counter()
+    summary = search(run, study, n_trials=run.cfg.search.n_trials, timeout=None)
+    best = best_trial(study)
+    r = TrialRecord.read(best)
+    names = {n: TrialRecord.read(study.trials[n]).arch_name for n in summary["rescored"]}
+    return {"arch": r.arch.to_dict(), "proxy": r.score, "trial": best.number,
+            "seconds": time.perf_counter() - t0, "trained": summary["trained"],
+            "budget_ms": study.user_attrs["budget_ms"],
+            "rescored": {names[n]: v for n, v in summary["rescored"].items()},
+            "proxy_order": [names[n] for n in sorted(summary["rescored"],
+                                                     key=lambda n: (-study.trials[n].value, n))]}
+
+
 def finalist_search_report(run, study_name: str, storage: str, results: dict, save,
                            units: dict) -> None:
     """``--finalist-search``: each finalist's dev accuracy, dev agreement (what chose) and
@@ -353,19 +374,7 @@ def main() -> int:
         fin_storage = default_storage(fin_cfg.run_dir, name)
         fin[name] = fin_run, fin_storage
         if name in args.finalist_search and key not in results:
-            study = create_or_load(name, fin_storage, fin_cfg)
-            t0 = time.perf_counter()
-            summary = search(fin_run, study, n_trials=fin_cfg.search.n_trials, timeout=None)
-            best = best_trial(study)
-            r = TrialRecord.read(best)
-            names = {n: TrialRecord.read(study.trials[n]).arch_name for n in summary["rescored"]}
-            results[key] = {
-                "arch": r.arch.to_dict(), "proxy": r.score, "trial": best.number,
-                "seconds": time.perf_counter() - t0,  # this process's (a resumed search: its part)
-                "trained": summary["trained"],
-                "rescored": {names[n]: v for n, v in summary["rescored"].items()},
-                "proxy_order": [names[n] for n in sorted(summary["rescored"], key=lambda n: (
-                    -study.trials[n].value, n))]}
+            results[key] = run_finalist_search(fin_run, create_or_load(name, fin_storage, fin_cfg))
             save()
     units = results.setdefault("units", {})
     for name, (key, _) in FINALIST_SEARCHES.items():

@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import statistics
-import time
 from pathlib import Path
 
 from tacnas.searchspace.arch import ArchConfig
@@ -46,6 +45,7 @@ STUDIES = {"finalists-use85": [*FINALISTS, "budget.min_use=0.85"], "finalists": 
 
 
 def main() -> int:
+    from best_in_space import run_finalist_search
     from real_task import distill_seed, latency_pass, resumable
     from search_vs_hand import FULL_DATA, _sd, parse_budget
 
@@ -53,10 +53,8 @@ def main() -> int:
     from tacnas.nas.config import load_config
     from tacnas.nas.optuna_search import finalist_dir, reuse_finalist
     from tacnas.nas.pipeline import prepare
-    from tacnas.nas.record import TrialRecord
     from tacnas.nas.report import table as text_table
-    from tacnas.nas.strategy import search
-    from tacnas.nas.study import best_trial, create_or_load, default_storage
+    from tacnas.nas.study import create_or_load, default_storage
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/demo.yaml")
@@ -86,16 +84,7 @@ def main() -> int:
         srun = dataclasses.replace(run, cfg=cfg)  # the same teacher, data, proxy and meter
         study = create_or_load(name, default_storage(cfg.run_dir, name), cfg)
         if name not in searches:
-            t0 = time.perf_counter()
-            summary = search(srun, study, n_trials=cfg.search.n_trials, timeout=None)
-            best = best_trial(study)
-            names = {n: TrialRecord.read(study.trials[n]).arch_name for n in summary["rescored"]}
-            searches[name] = {
-                "arch": TrialRecord.read(best).arch.to_dict(), "trial": best.number,
-                "seconds": time.perf_counter() - t0, "trained": summary["trained"],
-                "budget_ms": study.user_attrs["budget_ms"],
-                "proxy_order": [names[n] for n in sorted(summary["rescored"], key=lambda n: (
-                    -study.trials[n].value, n))]}
+            searches[name] = run_finalist_search(srun, study)
             save()
         s = searches[name]
         done = s.setdefault("finalists", {})  # dev, agreement (what chose) and test of each

@@ -17,6 +17,7 @@ from tacnas.nas.config import load_config
 from tacnas.nas.differentiable import ArchParams, ExpectedLatency, derive, differentiable_search
 from tacnas.nas.pipeline import prepare
 from tacnas.nas.study import create_or_load, default_storage
+from tacnas.searchspace.arch import ArchConfig
 from tacnas.searchspace.space import SearchSpace
 from tacnas.searchspace.supernet import Supernet
 from tests.conftest import checkpoint_step, cli_here, interrupt_when
@@ -142,17 +143,22 @@ def diff_run(project, monkeypatch):
     return make
 
 
+def _all_mass_on(net: Supernet, pick) -> tuple[ArchParams, ArchConfig]:
+    """Architecture parameters with the mass of each dimension on its ``pick`` (max or min)
+    choice ("hidden" and "all" above every number), and the architecture they make."""
+    alpha = ArchParams(net.dims())
+    with torch.no_grad():
+        for name, choices in net.dims():
+            at = pick(range(len(choices)), key=lambda i: (
+                choices[i] in ("hidden", "all"), choices[i] if isinstance(choices[i], int) else 0))
+            alpha.logits[name][at] = 5.0
+    return alpha, net.arch_of({n: int(p.argmax()) for n, p in alpha.logits.items()})
+
+
 def test_derivation_respects_the_budget(diff_run):
     cfg, run = diff_run()
     net = Supernet(run.space, run.teacher.model)
-    alpha = ArchParams(net.dims())
-    with torch.no_grad():  # all the mass on the largest choices
-        for name, choices in net.dims():
-            big = max(range(len(choices)), key=lambda i: (choices[i] in ("hidden", "all"),
-                                                          choices[i] if isinstance(choices[i], int)
-                                                          else 0))
-            alpha.logits[name][big] = 5.0
-    largest = net.arch_of({n: int(p.argmax()) for n, p in alpha.logits.items()})
+    alpha, largest = _all_mass_on(net, max)  # the largest choices
     free = Budget(run.cfg.budget, run.latency, run.params_of, budget_ms=None)
     assert derive(run, net, alpha, free)[0] == largest
     budget = 0.7 * run.latency.ms(largest)
@@ -171,14 +177,7 @@ def test_derivation_respects_the_budget(diff_run):
     # budget.min_use: the mass on the smallest choices, a budget twice the slowest architecture
     # (none near it, so every check is the table's prediction, never a measurement) and the
     # floor mid-way through the space's latencies: the most likely architecture at or above the floor
-    small = ArchParams(net.dims())
-    with torch.no_grad():
-        for name, choices in net.dims():
-            least = min(range(len(choices)), key=lambda i: (choices[i] in ("hidden", "all"),
-                                                            choices[i] if isinstance(choices[i], int)
-                                                            else 0))
-            small.logits[name][least] = 5.0
-    smallest = net.arch_of({n: int(p.argmax()) for n, p in small.logits.items()})
+    small, smallest = _all_mass_on(net, min)
     ms = {a: run.latency.ms(a) for a in run.space.all_archs()}
     roomy = 2 * max(ms.values())
     distinct = sorted(set(ms.values()))
@@ -244,7 +243,6 @@ def test_cli_search_status_export_of_a_differentiable_study(project):
 
 def test_supernet_proxy_trains_once_and_candidates_inherit_its_slices(diff_run, monkeypatch):
     import tacnas.evaluators.proxy as proxy_mod
-    from tacnas.searchspace.arch import ArchConfig
 
     overrides = ("search.strategy=optuna", "proxy.kind=supernet", "proxy.supernet_steps=30",
                  "proxy.steps=5")
