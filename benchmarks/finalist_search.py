@@ -44,6 +44,14 @@ FINALISTS = ["search.rescore_top_k=8", "search.rescore_recipe=distill",
 STUDIES = {"finalists-use85": [*FINALISTS, "budget.min_use=0.85"], "finalists": FINALISTS}
 
 
+def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
+    """Where each seed of ``arch`` was trained: ``cpu (s0), NVIDIA H200 (s1, s2)``."""
+    by = {}
+    for seed in seeds:
+        by.setdefault(units[f"{arch}/s{seed}"].get("device", "cpu"), []).append(f"s{seed}")
+    return ", ".join(f"{d} ({', '.join(s)})" for d, s in by.items())
+
+
 def main() -> int:
     from best_in_space import run_finalist_search
     from real_task import distill_seed, latency_pass, resumable
@@ -65,6 +73,9 @@ def main() -> int:
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES),
                     help="run these (the others' finished results are still reported)")
+    ap.add_argument("--searches-only", action="store_true",
+                    help="stop after the searches (and their finalists): the picks' other seeds "
+                    "can then train on a lent GPU (benchmarks/on_device.py pack)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work, results, save = resumable(args.work)
@@ -101,6 +112,12 @@ def main() -> int:
             save()
         pick = ArchConfig.from_dict(s["arch"])
         units.setdefault(f"{pick.name}/s{args.seeds[0]}", done[pick.name])  # the search's own
+    if args.searches_only:
+        print("the searches are done; their picks' other seeds: benchmarks/on_device.py, or "
+              "this again without --searches-only")
+        return 0
+    for name, s in searches.items():
+        pick = ArchConfig.from_dict(s["arch"])
         for seed in args.seeds[1:]:
             key = f"{pick.name}/s{seed}"
             if key not in units:
@@ -135,12 +152,12 @@ def main() -> int:
                             "latency_ms": ms, "speedup": sp, "seed": seed,
                             "test_score": u["test"], "teacher_test_score": u["teacher_test"],
                             "dev_score": u["dev"], "dev_agreement": u["dev_agreement"],
-                            "device": "cpu"})
+                            "device": u.get("device", "cpu")})
         rows.append([name, pick.name, f"{ms:.2f}", f"{sp:.2f}x", "yes" if sp >= speedup else "NO",
                      f"{ms / (lat['teacher_ms'] / speedup):.2f}",
                      f"{statistics.mean(test):.4f} ± {_sd(test):.4f}",
                      f"{100 * statistics.mean(test) / teacher_test:.1f}",
-                     "this CPU"])
+                     "this CPU", _trained_on(units, pick.name, args.seeds)])
         for arch_name, u in s["finalists"].items():
             a_ms = run.latency.ms(ArchConfig.from_name(arch_name))
             t_ms = t_pred
@@ -159,12 +176,13 @@ def main() -> int:
             by_student.items(), key=lambda kv: -statistics.mean(kv[1])):
         rows.append([f"{student} ({kind}, search_vs_hand)", arch, f"{ms:.2f}", f"{sp:.2f}x",
                      "yes" if fits else "NO", "", f"{statistics.mean(test):.4f} ± {_sd(test):.4f}"
-                     if len(test) > 1 else f"{test[0]:.4f}", "", "search_vs_hand's pass"])
+                     if len(test) > 1 else f"{test[0]:.4f}", "", "search_vs_hand's pass",
+                     "search_vs_hand"])
     print(f"{args.budget}: the shipped finalist search, latency in one pass on {lat['cpu']} "
           f"(teacher {lat['teacher_ms']:.2f} ms; search_vs_hand's rows: its own pass); test "
           f"accuracy over seeds {args.seeds}, search_vs_hand's kd2 recipe")
     print(text_table(["student", "architecture", "ms", "speedup", "fits", "use of budget",
-                      "test mean ± std", "% of teacher", "latency from"], rows))
+                      "test mean ± std", "% of teacher", "latency from", "trained on"], rows))
     for name, s in searches.items():
         pick = ArchConfig.from_dict(s["arch"]).name
         print(f"{name}: {s['seconds']:.0f} s on 2 cores ({s['trained']} trained candidates, then "

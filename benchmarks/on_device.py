@@ -1,8 +1,8 @@
 """Finish the benchmarks' trainings on a GPU: accuracy only (latency is always measured on the
 CPU the budget names).
 
-The distillations of benchmarks/search_vs_hand.py, benchmarks/proxy_fidelity.py and
-benchmarks/best_in_space.py are most of their time (hours on 2 CPU cores). Where a GPU machine
+The distillations of benchmarks/search_vs_hand.py, benchmarks/proxy_fidelity.py,
+benchmarks/best_in_space.py and benchmarks/finalist_search.py are most of their time (hours on 2 CPU cores). Where a GPU machine
 is lent, this script moves exactly that part there, with the project's own training code
 (``train_student``, ``DistillationProxy``) and the same recipe, and nothing else:
 
@@ -13,7 +13,9 @@ is lent, this script moves exactly that part there, with the project's own train
    benchmarks' ``results.json``: each (student, seed) of search_vs_hand; each
    (architecture, seed) final and each ``distill-200``/``distill-800`` proxy score of
    proxy_fidelity; best_in_space's missing finals, with its state, so that the run asks it for
-   the top-k's other seeds once the first seed of every architecture is in.
+   the top-k's other seeds once the first seed of every architecture is in; the other seeds of
+   each finished finalist_search pick (its seed 0 is the search's own, trained here; run that
+   benchmark with ``--searches-only`` first).
 2. ``run`` (on the GPU machine): trains every unit, ``--workers`` processes sharing the GPU,
    appending one JSON line per finished unit to ``--results`` (so a cut run keeps what it did).
 3. ``ingest`` (here): writes those lines into the benchmarks' ``results.json`` (each unit marked
@@ -83,6 +85,24 @@ def _units(svh: dict, fid: dict, recipe: str, budgets=None) -> list[dict]:
     return out
 
 
+def _finalist_units(fs: dict, seeds=(1, 2)) -> list[dict]:
+    """finalist_search's picks' missing seeds (the search trained seed 0 itself); keys
+    ``BUDGET/ARCH/sSEED``."""
+    from tacnas.searchspace.arch import ArchConfig
+
+    out = []
+    for budget, mine in fs.items():
+        for s in mine.get("searches", {}).values():
+            pick = ArchConfig.from_dict(s["arch"])
+            for seed in seeds:
+                key = f"{budget}/{pick.name}/s{seed}"
+                if f"{pick.name}/s{seed}" not in mine.get("units", {}) and \
+                        all(u["key"] != key for u in out):
+                    out.append({"bench": "finalist_search", "key": key, "what": "final",
+                                "arch": pick.to_dict(), "layers": None, "seed": seed})
+    return out
+
+
 def pack(args) -> int:
     from real_task import resumable
     from search_vs_hand import DEFAULT_RECIPE, FULL_DATA, RECIPES
@@ -103,6 +123,9 @@ def pack(args) -> int:
         _, bis, _ = resumable(args.bis_work)
         units += [{"bench": BENCH, "what": "final", **u} for u in missing_units(bis)]
         then = {"bench": BENCH, "state": bis}
+    if recipe == DEFAULT_RECIPE and Path(args.fs_work, "results.json").is_file():
+        _, fs, _ = resumable(args.fs_work)
+        units += _finalist_units(fs)
     over = [*FULL_DATA, *RECIPES[recipe], *args.set, "proxy.kind=distill", "proxy.steps=200",
             "budget.latency=measure"]  # no latency here: the table is not needed
     run = prepare(load_config(args.config, over), progress=True)
@@ -284,6 +307,7 @@ def ingest(args) -> int:
     _, svh, save_svh = resumable(args.svh_work)
     _, fid, save_fid = resumable(args.fidelity_work)
     _, bis, save_bis = resumable(args.bis_work)
+    _, fs, save_fs = resumable(args.fs_work)
     n = errors = 0
     for line in Path(args.results).read_text().splitlines():
         r = json.loads(line)
@@ -294,6 +318,9 @@ def ingest(args) -> int:
         res = r["result"]
         if r["bench"] == "best_in_space":
             bis.setdefault("units", {})[r["key"]] = res
+        elif r["bench"] == "finalist_search":  # BUDGET/ARCH/sSEED
+            budget, _, key = r["key"].partition("/")
+            fs.setdefault(budget, {}).setdefault("units", {})[key] = res
         elif r["bench"].startswith("search_vs_hand"):  # search_vs_hand[.RECIPE]
             recipe = r["bench"].partition(".")[2] or DEFAULT_RECIPE
             recipe_units(svh, recipe)[r["key"]] = res
@@ -305,6 +332,7 @@ def ingest(args) -> int:
     save_svh()
     save_fid()
     save_bis()
+    save_fs()
     print(f"{n} units ingested ({errors} failed)")
     return 1 if errors else 0
 
@@ -318,6 +346,7 @@ def main() -> int:
         p.add_argument("--svh-work", default="runs/bench_search_vs_hand")
         p.add_argument("--fidelity-work", default="runs/bench_proxy_fidelity")
         p.add_argument("--bis-work", default="runs/bench_best_in_space")
+        p.add_argument("--fs-work", default="runs/bench_finalist_search")
     p = sub.choices["pack"]
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--bundle", default="gpu_bundle")
