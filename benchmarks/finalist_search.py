@@ -116,7 +116,7 @@ def main() -> int:
         print("the searches are done; their picks' other seeds: benchmarks/on_device.py, or "
               "this again without --searches-only")
         return 0
-    for name, s in searches.items():
+    for s in searches.values():
         pick = ArchConfig.from_dict(s["arch"])
         for seed in args.seeds[1:]:
             key = f"{pick.name}/s{seed}"

@@ -25,7 +25,11 @@ import json
 import logging
 import time
 
-from real_task import latency_pass, resumable  # noqa: E402  (benchmarks/ is the script's folder)
+from real_task import (  # noqa: E402  (benchmarks/ is the script's folder)
+    MEASURED_SEARCH,
+    latency_pass,
+    resumable,
+)
 
 from tacnas.nas.config import load_config  # noqa: E402
 from tacnas.nas.differentiable import differentiable_search  # noqa: E402
@@ -65,7 +69,8 @@ def main() -> int:
     run = None
     for i, (method, extra) in enumerate(METHODS.items()):
         name = f"m{i}"
-        cfg = load_config(args.config, [f"run_dir={work / 'runs'}", "search.n_trials=1000",
+        cfg = load_config(args.config, [*MEASURED_SEARCH, f"run_dir={work / 'runs'}",
+                                        "search.n_trials=1000",
                                         "distill.epochs=2", *extra, *args.set])  # as measured
         run = prepare(cfg, progress=True)
         study = create_or_load(name, default_storage(cfg.run_dir, name), cfg)

@@ -68,6 +68,7 @@ from pathlib import Path
 
 import optuna
 from real_task import (  # benchmarks/ is the script's folder
+    MEASURED_SEARCH,
     distill_seed,
     hand_families,
     latency_pass,
@@ -86,7 +87,8 @@ from tacnas.searchspace.arch import ArchConfig
 from tacnas.searchspace.build import group_layers, select_layers
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FULL_DATA = ["task.max_train_samples=null", "distill.epochs=2", "distill.eval_every=200"]
+FULL_DATA = ["task.max_train_samples=null", "distill.epochs=2", "distill.eval_every=200",
+             *MEASURED_SEARCH]
 SEARCHES = {
     "tpe": [],  # the config's default sampler and proxy
     # the same with the supernet trained 3000 steps instead of the demo's 800 (proxy_fidelity:

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from real_task import resumable  # benchmarks/ is the script's folder
+from real_task import MEASURED_SEARCH, resumable  # benchmarks/ is the script's folder
 from scipy.stats import kendalltau
 from sklearn.model_selection import train_test_split
 
@@ -98,7 +98,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work, results, save = resumable(args.work)
 
-    base = load_config(args.config, ["task.max_train_samples=null"])
+    base = load_config(args.config, ["task.max_train_samples=null", *MEASURED_SEARCH])
     files = write_task(work / "data", base, args.train, args.dev, args.pool, base.seed)
     data = base.to_dict()
     data["task"].update(dataset=str(files["train"]), max_train_samples=None,

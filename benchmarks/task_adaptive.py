@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import spam_assassin  # benchmarks/ is the script's folder
-from real_task import distill_seed, latency_pass, resumable
+from real_task import MEASURED_SEARCH, distill_seed, latency_pass, resumable
 
 from tacnas.errors import UserError
 from tacnas.evaluators.latency_table import cpu_name
@@ -59,7 +59,7 @@ log = logging.getLogger("task_adaptive")
 
 def configs(work: Path, data: Path, extra: list[str]) -> dict[str, list]:
     """Per task: (config file, overrides)."""
-    common = [f"run_dir={work / 'runs'}", "budget.seq_len=task", *extra]
+    common = [*MEASURED_SEARCH, f"run_dir={work / 'runs'}", "budget.seq_len=task", *extra]
     return {"tweets": [ROOT / "configs" / "demo.yaml", common],
             "spam": [ROOT / "configs" / "spam.yaml", [f"task.dataset={data}", *common]]}
 
