@@ -254,29 +254,37 @@ def run_finalist_search(run, study) -> dict:
                                                      key=lambda n: (-study.trials[n].value, n))]}
 
 
+def score_finalists(run, study, names: list[str]) -> dict:
+    """The finalists a finalist search trained (its ``finalist_dir``), read where they are:
+    each one's dev accuracy, dev agreement with the teacher (what chose) and test accuracy."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tacnas.evaluators.metrics import compute_metrics
+    from tacnas.evaluators.training import predict_logits
+    from tacnas.nas.optuna_search import finalist_dir
+
+    out = {}
+    for name in names:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            finalist_dir(run, study, name) / "best").eval()
+        dev = run.proxy.final_scores(model)[0]
+        test = compute_metrics(predict_logits(model, run.data.test), run.data.test.labels)
+        out[name] = {"dev": dev["accuracy"], "dev_agreement": dev["agreement"],
+                     "test": test["accuracy"]}
+    return out
+
+
 def finalist_search_report(run, study_name: str, storage: str, results: dict, save,
                            units: dict) -> None:
     """``--finalist-search``: each finalist's dev accuracy, dev agreement (what chose) and
     test accuracy (seed 0, as the search trained it on this CPU), proxy order first."""
-    from transformers import AutoModelForSequenceClassification
-
     from tacnas.evaluators.latency_table import teacher_arch
-    from tacnas.evaluators.metrics import compute_metrics
-    from tacnas.evaluators.training import predict_logits
-    from tacnas.nas.optuna_search import finalist_dir
     from tacnas.nas.study import create_or_load
 
     fs = results[FINALIST_SEARCHES[study_name][0]]
     if "scores" not in fs:
-        study = create_or_load(study_name, storage, run.cfg)
-        fs["scores"] = {}
-        for name in fs["proxy_order"]:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                finalist_dir(run, study, name) / "best").eval()
-            dev = run.proxy.final_scores(model)[0]
-            test = compute_metrics(predict_logits(model, run.data.test), run.data.test.labels)
-            fs["scores"][name] = {"dev": dev["accuracy"], "dev_agreement": dev["agreement"],
-                                  "test": test["accuracy"]}
+        fs["scores"] = score_finalists(run, create_or_load(study_name, storage, run.cfg),
+                                       fs["proxy_order"])
         save()
     pick = ArchConfig.from_dict(fs["arch"]).name
     # use of the budget: the table's prediction against the table's teacher over the speedup

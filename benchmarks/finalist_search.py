@@ -35,13 +35,14 @@ import logging
 import statistics
 from pathlib import Path
 
+from best_in_space import FINALIST_SEARCH, run_finalist_search, score_finalists
+
 from tacnas.searchspace.arch import ArchConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH = "finalist_search"
-FINALISTS = ["search.rescore_top_k=8", "search.rescore_recipe=distill",
-             "search.rescore_objective=agreement"]
-STUDIES = {"finalists-use85": [*FINALISTS, "budget.min_use=0.85"], "finalists": FINALISTS}
+STUDIES = {"finalists-use85": [*FINALIST_SEARCH, "budget.min_use=0.85"],
+           "finalists": FINALIST_SEARCH}
 
 
 def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
@@ -53,13 +54,11 @@ def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
 
 
 def main() -> int:
-    from best_in_space import run_finalist_search
     from real_task import distill_seed, latency_pass, resumable
     from search_vs_hand import FULL_DATA, _sd, parse_budget
 
     from tacnas.evaluators.latency_table import cpu_name, teacher_arch
     from tacnas.nas.config import load_config
-    from tacnas.nas.optuna_search import finalist_dir, reuse_finalist
     from tacnas.nas.pipeline import prepare
     from tacnas.nas.report import table as text_table
     from tacnas.nas.study import create_or_load, default_storage
@@ -98,18 +97,13 @@ def main() -> int:
             searches[name] = run_finalist_search(srun, study)
             save()
         s = searches[name]
-        done = s.setdefault("finalists", {})  # dev, agreement (what chose) and test of each
-        for arch_name in s["proxy_order"]:
-            if arch_name in done:
-                continue
-            arch = ArchConfig.from_name(arch_name)
-            out = work / "finalists" / args.budget / name / arch_name
-            # a copy of the search's finished finalist (or of a copy begun before)
-            if not (out / "checkpoint").exists() and not reuse_finalist(srun, study, arch, out):
-                raise SystemExit(f"{finalist_dir(srun, study, arch_name)}: not trained")
-            done[arch_name] = distill_seed(run, arch, out, args.seeds[0],
-                                           label=f"finalist {arch_name}")
+        if "finalists" not in s:  # dev, agreement (what chose) and test of each, seed 0
+            teacher = {"teacher_test": run.teacher_test()["accuracy"],
+                       "teacher_dev": run.teacher_dev["accuracy"]}
+            s["finalists"] = {a: {**u, **teacher} for a, u in
+                              score_finalists(srun, study, s["proxy_order"]).items()}
             save()
+        done = s["finalists"]
         pick = ArchConfig.from_dict(s["arch"])
         units.setdefault(f"{pick.name}/s{args.seeds[0]}", done[pick.name])  # the search's own
     if args.searches_only:
@@ -160,11 +154,10 @@ def main() -> int:
                      "this CPU", _trained_on(units, pick.name, args.seeds)])
         for arch_name, u in s["finalists"].items():
             a_ms = run.latency.ms(ArchConfig.from_name(arch_name))
-            t_ms = t_pred
             records.append({"task": "tweets", "budget": args.budget, "student": arch_name,
                             "kind": "search-finalist", "search": name,
-                            "fits": t_ms / a_ms >= speedup, "arch": arch_name,
-                            "latency_ms": a_ms, "speedup": t_ms / a_ms, "latency": "predicted",
+                            "fits": t_pred / a_ms >= speedup, "arch": arch_name,
+                            "latency_ms": a_ms, "speedup": t_pred / a_ms, "latency": "predicted",
                             "seed": args.seeds[0], "test_score": u["test"],
                             "teacher_test_score": u["teacher_test"], "dev_score": u["dev"],
                             "dev_agreement": u["dev_agreement"], "device": "cpu"})
