@@ -256,6 +256,14 @@ def test_supernet_proxy_trains_once_and_candidates_inherit_its_slices(diff_run, 
         torch.testing.assert_close(start(input_ids=x).logits, net.extract(arch)(input_ids=x).logits)
     result, model = run.proxy.evaluate(arch, progress=False)
     assert 0 <= result.score <= 1 and result.curve[-1][0] == 5
+    # the same candidate after the global RNG moved (another candidate, a latency measurement)
+    # trains to the same weights: dropout is seeded per candidate
+    assert model.config.hidden_dropout_prob > 0
+    torch.rand(1000)
+    twice, model2 = run.proxy.evaluate(arch, progress=False)
+    assert twice.score == result.score
+    for (name, p), q in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(p, q), name
 
     # another process (a resumed study, another worker) loads it instead of training again
     calls = {"n": 0}
