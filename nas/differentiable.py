@@ -193,6 +193,15 @@ def derive(run: Run, net: Supernet, alpha: ArchParams, budget: Budget) -> tuple[
         f"{top.name if top else 'invalid'}, is not)")
 
 
+def size_term(expected: ExpectedLatency, probs: Mapping[str, torch.Tensor], size: torch.Tensor,
+              dims: list[str] | None) -> torch.Tensor:
+    """The expected ``size`` grid (parameters over the teacher's) under ``probs``, with a
+    gradient only towards the logits of ``dims`` (None: every dimension); the others'
+    probabilities enter as constants (``differentiable.size_dims``)."""
+    return expected({n: p if dims is None or n in dims else p.detach()
+                     for n, p in probs.items()}, size)
+
+
 def _params_of(net: Supernet, arch: ArchConfig) -> dict:
     """The trial params (the space's choice values) of ``arch``."""
     out = {"num_layers": arch.num_layers, "hidden_size": arch.hidden_size,
@@ -289,7 +298,8 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
         l_lat = torch.relu(e_lat / budget_ms - 1.0)
     # AdaBERT's efficiency loss also charges model size: a pull towards fewer parameters, which
     # decides what latency and KD leave tied (embedding width, sharing)
-    l_size = d.size_weight * s.expected(probs, s.size) if s.size is not None else 0.0
+    l_size = d.size_weight * size_term(s.expected, probs, s.size, d.size_dims) \
+        if s.size is not None else 0.0
     optimizer_step(l_kd + d.latency_weight * l_lat + l_size, s.opt_a, max_norm=None,
                    lr_key="differentiable.arch_lr")
     s.opt_w.zero_grad(set_to_none=True)  # the weights are not moved by dev data

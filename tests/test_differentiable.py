@@ -14,7 +14,13 @@ import torch
 import tacnas.nas.differentiable as diff_mod
 from tacnas.nas.budget import Budget
 from tacnas.nas.config import load_config
-from tacnas.nas.differentiable import ArchParams, ExpectedLatency, derive, differentiable_search
+from tacnas.nas.differentiable import (
+    ArchParams,
+    ExpectedLatency,
+    derive,
+    differentiable_search,
+    size_term,
+)
 from tacnas.nas.pipeline import prepare
 from tacnas.nas.study import create_or_load, default_storage
 from tacnas.searchspace.arch import ArchConfig
@@ -127,6 +133,31 @@ def test_the_size_term_pulls_towards_fewer_parameters(diff_run):
     assert float(expected(last, size)) < 0.9 * float(expected(first, size))
     emb = history[-1]["probs"]["embedding_size"]
     assert emb["16"] > emb["hidden"], emb
+
+
+def test_the_size_term_pulls_only_its_dimensions(diff_run):
+    """``size_dims``: the size term's gradient reaches the listed dimensions' logits, exactly as
+    the term over every dimension does, and no other dimension's."""
+    cfg, run = diff_run()
+    run.meter.close()
+    expected = ExpectedLatency(run.latency.table, run.space)
+    size = expected.grid_of(lambda a: run.params_of(a) / run.teacher_params)
+    grads = {}
+    for dims in (None, ["embedding_size", "num_hidden_groups"]):
+        alpha = ArchParams(expected.dims)
+        with torch.no_grad():
+            for p in alpha.logits.values():
+                p.copy_(torch.linspace(-1.0, 1.0, len(p)))
+        value = size_term(expected, alpha.probs(), size, dims)
+        value.backward()
+        grads[None if dims is None else "ties"] = {n: p.grad for n, p in alpha.logits.items()}
+        assert float(value) > 0
+    for name in ("embedding_size", "num_hidden_groups"):
+        assert grads["ties"][name].abs().sum() > 0, name
+        assert torch.allclose(grads["ties"][name], grads[None][name]), name
+    for name in ("num_layers", "hidden_size", "intermediate_size"):
+        assert grads[None][name].abs().sum() > 0, name  # the full term moves them
+        assert grads["ties"][name] is None or not grads["ties"][name].any(), name
 
 
 @pytest.fixture
