@@ -23,7 +23,8 @@ of the other seeds (averaged over the seeds). Resumable: each (architecture, pro
 (architecture, seed) final distillation is written to ``--work``/results.json when done. Writes
 ``benchmarks/results/proxy_fidelity.json``: records ``proxy``, ``tau``, ``tau_ci95``, ``n``,
 ``latency_band_ms``, ``final_seeds`` and ``default: true`` on the proxy the demo config searches
-with.
+with; and ``benchmarks/results/proxy_fidelity.archs.json``, one record per architecture
+(``arch``, ``latency_ms``, ``final_seeds``, ``final_test``, ``final_test_mean``, ``final_test_std``, ``scores``).
 
     python benchmarks/proxy_fidelity.py
 """
@@ -51,6 +52,7 @@ from tacnas.nas.report import table as text_table
 from tacnas.searchspace.arch import ArchConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ARCHS = "proxy_fidelity.archs.json"  # each architecture's finals and proxy scores
 DEFAULT = "supernet-20"  # what configs/demo.yaml searches with
 # supernet proxies besides the config's: name -> overrides of its proxy section
 SUPERNETS = {"supernet3000-20": ["proxy.supernet_steps=3000"]}
@@ -203,6 +205,15 @@ def main() -> int:
                      "yes" if name == DEFAULT else ""])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "proxy_fidelity.json").write_text(json.dumps(records, indent=1) + "\n")
+    # per architecture, so that a proxy added later is ranked against these finals without
+    # running them again (benchmarks/proxy_objectives.py)
+    (RESULTS / ARCHS).write_text(json.dumps([
+        {"arch": a.name, "latency_ms": run.latency.ms(a), "final_seeds": args.seeds,
+         "final_test": [per_seed[s][i] for s in args.seeds], "final_test_mean": final[i],
+         "final_test_std": statistics.stdev(per_seed[s][i] for s in args.seeds)
+         if len(args.seeds) > 1 else 0.0,
+         "scores": {n: scores[f"{n}/{a.name}"]["score"] for n in proxies}}
+        for i, a in enumerate(archs)], indent=1) + "\n")
     print(f"\n{cpu_name()}; {len(archs)} architectures predicted within {lo:.2f}-{hi:.2f} ms "
           f"(4x budget {target:.2f} ms; {results['band']['candidates_in_band']} in the band)")
     print(text_table(["proxy", "Kendall tau vs final test", "95% interval", "n",
