@@ -24,7 +24,8 @@ of the other seeds (averaged over the seeds). Resumable: each (architecture, pro
 ``benchmarks/results/proxy_fidelity.json``: records ``proxy``, ``tau``, ``tau_ci95``, ``n``,
 ``latency_band_ms``, ``final_seeds`` and ``default: true`` on the proxy the demo config searches
 with; and ``benchmarks/results/proxy_fidelity.archs.json``, one record per architecture
-(``arch``, ``latency_ms``, ``final_seeds``, ``final_test``, ``final_test_mean``, ``final_test_std``, ``scores``).
+(``arch``, ``latency_ms``, ``final_seeds``, ``final_test``, ``final_test_mean``,
+``final_test_std``, ``scores``).
 
     python benchmarks/proxy_fidelity.py
 """
