@@ -263,8 +263,8 @@ class DifferentiableConfig:
     size_weight: float = Field(0.0, ge=0)
     # the dimensions the size term pulls (the others' probabilities enter it as constants);
     # null: every one. [embedding_size, num_hidden_groups], the two latency leaves tied, was
-    # measured on tweets: it decided neither at 4x@32 and the 4x@1 student still narrowed
-    # (benchmarks/differentiable_ties.py)
+    # measured on tweets (seed 0): no better than without it (the 4x@32 embedding stayed at
+    # 0.78 of uniform entropy; the 4x@1 student still narrowed; differentiable_ties.py)
     size_dims: list[Literal["num_layers", "hidden_size", "intermediate_size", "embedding_size",
                             "num_hidden_groups"]] | None = None
     floor_candidates: int = Field(8, ge=1)  # under budget.min_retention: likely ones scored
