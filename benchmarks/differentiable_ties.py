@@ -33,13 +33,12 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import statistics
 import time
 from pathlib import Path
 
 from real_task import resumable  # benchmarks/ is the script's folder
-from search_vs_hand import FULL_DATA, parse_budget
+from search_vs_hand import FULL_DATA, entropy_over_uniform, parse_budget
 
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.nas.config import load_config
@@ -57,9 +56,9 @@ SEARCHES = {
 }
 
 
-def finished(budget: str, arch: str) -> list[float]:
-    """search_vs_hand's kd2 test scores of ``arch`` at ``budget`` (any student), one a seed."""
-    rows = json.loads((RESULTS / "search_vs_hand.json").read_text())
+def finished(rows: list[dict], budget: str, arch: str) -> list[float]:
+    """search_vs_hand's kd2 test scores (``rows``, its JSON) of ``arch`` at ``budget`` (any
+    student), one a seed."""
     by_seed = {r["seed"]: r["test_score"] for r in rows
                if r["budget"] == budget and r["arch"] == arch and r.get("recipe", "kd2") == "kd2"}
     return [by_seed[s] for s in sorted(by_seed)]
@@ -68,6 +67,12 @@ def finished(budget: str, arch: str) -> list[float]:
 def unit_key(budget: str, name: str, seed: int) -> str:
     """``4x@1/differentiable`` (seed 0, as the first sitting wrote it) or ``.../s1``."""
     return f"{budget}/{name}" + (f"/s{seed}" if seed else "")
+
+
+def parse_key(key: str) -> tuple[str, str, int]:
+    """``unit_key``'s inverse."""
+    budget, name, *seed = key.split("/")
+    return budget, name, int(seed[0][1:]) if seed else 0
 
 
 def main() -> int:
@@ -104,23 +109,22 @@ def main() -> int:
         search(run, study, n_trials=cfg.search.n_trials, timeout=None)
         r = TrialRecord.read(best_trial(study))
         ent = (r.extra or {})["final_entropy"]
-        rel = {d: h / math.log(len(c)) for d, h in ent.items()
-               if len(c := run.space.choices()[d]) > 1}
         results[key] = {"arch": r.arch.name, "latency_ms": r.latency_ms,
                         "budget_ms": r.budget_ms, "seconds": time.perf_counter() - t0,
-                        "entropy_over_uniform": rel}
+                        "entropy_over_uniform": entropy_over_uniform(ent, run.space)}
         save()
         print(f"{key}: {r.arch.name} in {results[key]['seconds']:.0f} s", flush=True)
 
     dims = ["num_layers", "hidden_size", "intermediate_size", "embedding_size",
             "num_hidden_groups"]
     records, rows = [], []
-    done = [(b, name, seed) for b in args.budgets for name in SEARCHES for seed in range(100)
-            if unit_key(b, name, seed) in results]  # this sitting's and earlier ones'
+    done = sorted((u for u in map(parse_key, results) if u[0] in args.budgets),  # all sittings'
+                  key=lambda u: (args.budgets.index(u[0]), list(SEARCHES).index(u[1]), u[2]))
+    finals = json.loads((RESULTS / "search_vs_hand.json").read_text())
     for b, name, seed in done:
         s = results[unit_key(b, name, seed)]
         rel = s["entropy_over_uniform"]
-        tests = finished(b, s["arch"])
+        tests = finished(finals, b, s["arch"])
         mean = statistics.mean(tests) if len(tests) == 3 else None
         sd = statistics.stdev(tests) if len(tests) == 3 else None
         below = max(rel.values()) < 0.5

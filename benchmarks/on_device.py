@@ -2,8 +2,8 @@
 CPU the budget names).
 
 The distillations of benchmarks/search_vs_hand.py, benchmarks/proxy_fidelity.py,
-benchmarks/best_in_space.py and benchmarks/finalist_search.py are most of their time (hours on 2 CPU cores). Where a GPU machine
-is lent, this script moves exactly that part there, with the project's own training code
+benchmarks/best_in_space.py and benchmarks/finalist_search.py are most of their time (hours on
+2 CPU cores). Where a GPU machine is lent, this script moves exactly that part there, with the project's own training code
 (``train_student``, ``DistillationProxy``) and the same recipe, and nothing else:
 
 1. ``pack`` (here): prepares the run as the benchmarks do (the full-data teacher and its cached

@@ -47,6 +47,7 @@ from real_task import resumable
 from search_vs_hand import FULL_DATA
 
 from tacnas.evaluators.latency_table import cpu_name
+from tacnas.evaluators.metrics import compute_metrics
 from tacnas.evaluators.training import predict_logits
 from tacnas.nas.config import load_config
 from tacnas.nas.pipeline import prepare
@@ -63,9 +64,8 @@ def dev_scores(model, proxy) -> dict:
     log_p = F.log_softmax(logits, -1)
     teacher = proxy.dev_logits
     labels = proxy.data.dev.labels
-    pred = logits.argmax(-1)
-    return {"accuracy": float((pred == labels).float().mean()),
-            "agreement": float((pred == teacher.argmax(-1)).float().mean()),
+    metrics = compute_metrics(logits, labels, teacher)  # as the proxy scores (proxy.objective)
+    return {"accuracy": metrics["accuracy"], "agreement": metrics["agreement"],
             "-KL": -float(F.kl_div(log_p, F.log_softmax(teacher, -1), log_target=True,
                                    reduction="batchmean")),
             "-CE": -float(F.nll_loss(log_p, labels))}

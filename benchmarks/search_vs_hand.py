@@ -131,6 +131,13 @@ RESCORES = {"tpe-rescored": "tpe"}  # starts from a copy of that search's finish
 log = logging.getLogger("search_vs_hand")
 
 
+def entropy_over_uniform(entropy: dict, space) -> dict:
+    """Each searched dimension's final entropy over the uniform distribution's (dimensions
+    with one choice left out): the differentiable search's convergence, 0 to 1."""
+    return {d: h / math.log(len(getattr(space, d))) for d, h in entropy.items()
+            if len(getattr(space, d)) > 1}
+
+
 def parse_budget(text: str) -> tuple[float, int]:
     """``"4x@1"`` -> (4.0, 1)."""
     speed, _, batch = text.partition("@")
@@ -480,9 +487,7 @@ def main() -> int:
                   "budget (each family's fastest member is slower)")
     for key, st in {**students, **search_only}.items():  # did the differentiable ones converge?
         if st.get("entropy") and key.split("/")[0] in args.budgets:
-            space = first.space
-            rel = {d: h / math.log(len(getattr(space, d))) for d, h in st["entropy"].items()
-                   if len(getattr(space, d)) > 1}
+            rel = entropy_over_uniform(st["entropy"], first.space)
             print(f"{key}: final entropy / uniform " + ", ".join(
                 f"{d} {r:.2f}" for d, r in sorted(rel.items()))
                   + f" ({'all' if max(rel.values()) < 0.5 else 'not all'} below 0.5; "
