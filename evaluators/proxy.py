@@ -7,6 +7,8 @@ that an Optuna pruner can stop bad candidates early.
 
 from __future__ import annotations
 
+import copy
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ class EvalResult:
     # with budget.backend: onnxruntime-int8, score and metrics are the int8 graph's in ONNX
     # Runtime (what ships; quantization can reorder candidates) and these the fp32 model's
     fp32_metrics: dict | None = None
+    repeat_scores: list[float] | None = None  # with proxy.repeats > 1: each run's score
 
 
 class DistillationProxy:
@@ -70,6 +73,7 @@ class DistillationProxy:
         objective: str = "metric",
         pool_logits: torch.Tensor | None = None,
         device: str = "cpu",
+        repeats: int = 1,
     ):
         self.teacher, self.data = teacher, data
         self.train_logits, self.dev_logits = train_logits, dev_logits
@@ -79,6 +83,7 @@ class DistillationProxy:
         self.backend = backend
         self.objective, self.pool_logits = objective, pool_logits
         self.device = torch.device(device)  # where candidates train (the search uses the CPU)
+        self.repeats = repeats  # runs per candidate at seeds seed, seed+1, ...; scored by the mean
 
     @property
     def score_key(self) -> str:
@@ -94,12 +99,14 @@ class DistillationProxy:
 
     def score_name(self) -> str:
         """What ranks the candidates, in words (for status and reports)."""
+        runs = f", the mean of {self.repeats} runs" if self.repeats > 1 else ""
         if self.objective == "metric":
-            return f"dev {self.data.metric} ({len(self.data.dev):,} labelled examples)"
+            return f"dev {self.data.metric} ({len(self.data.dev):,} labelled examples{runs})"
         if self.pool_logits is not None:
             return (f"agreement with the teacher on {len(self.data.pool):,} unlabeled texts "
-                    "(task.unlabeled; no labels)")
-        return f"agreement with the teacher on the {len(self.data.dev):,} dev texts (no labels)"
+                    f"(task.unlabeled; no labels{runs})")
+        return (f"agreement with the teacher on the {len(self.data.dev):,} dev texts "
+                f"(no labels{runs})")
 
     def prepare(self, *, progress: bool = True) -> None:
         """Whatever is done once before the candidates (nothing here)."""
@@ -163,7 +170,11 @@ class DistillationProxy:
         report: Callable[[int, float], bool] | None = None,
         progress: bool = True,
     ) -> tuple[EvalResult, PreTrainedModel]:
-        """Train ``arch`` for ``steps`` KD steps; ``report(step, score)`` returning True stops it."""
+        """Train ``arch`` for ``steps`` KD steps; ``report(step, score)`` returning True stops it.
+        With ``repeats`` > 1, ``repeats`` times (seeds ``seed``, ``seed + 1``, ...): every dev
+        metric is the mean over the runs and the model is the first run's."""
+        if self.repeats > 1:
+            return self._repeated(arch, report=report, progress=progress)
         model = self.initial_model(arch, progress=progress).to(self.device)
         metric = self.score_key
         opt, sched = make_optimizer(model, lr=self.lr, steps=self.steps,
@@ -198,6 +209,28 @@ class DistillationProxy:
             report(self.steps, (fp32 or metrics)[metric])
         model.eval()
         return EvalResult(metrics[metric], metrics, curve, seconds, fp32), model
+
+    def _repeated(self, arch: ArchConfig, *, report, progress: bool):
+        self.prepare(progress=progress)  # a supernet is trained (or loaded) once, shared below
+        runs = []
+        for i in range(self.repeats):
+            one = copy.copy(self)
+            one.seed, one.repeats = self.seed + i, 1
+            runs.append(one.evaluate(arch, progress=progress))
+        results = [r for r, _ in runs]
+
+        def mean(dicts):
+            return {k: statistics.fmean(d[k] for d in dicts) for k in dicts[0]}
+
+        metrics = mean([r.metrics for r in results])
+        fp32 = None if results[0].fp32_metrics is None else mean([r.fp32_metrics
+                                                                   for r in results])
+        score = (fp32 or metrics)[self.score_key]
+        if report is not None:
+            report(self.steps, score)
+        return EvalResult(metrics[self.score_key], metrics, [(self.steps, score)],
+                          sum(r.train_seconds for r in results), fp32,
+                          [r.score for r in results]), runs[0][1]
 
 
 class SupernetProxy(DistillationProxy):

@@ -128,6 +128,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> Run:
         steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_ratio=p.warmup_ratio,
         temperature=p.temperature, alpha_ce=p.alpha_ce, eval_every=p.eval_every, init=p.init,
         seed=cfg.seed, backend=b.backend, objective=p.objective, pool_logits=pool_logits,
+        repeats=p.repeats,
     )
     if p.kind == "supernet":
         if p.init != "teacher":

@@ -17,6 +17,8 @@ BASE = dict(task=dict(dataset="x.csv"), teacher=dict(model="t"), budget=dict(spe
     ({"search": {"sampler": "cmaes"}}, "search.sampler"),
     ({"teacher": {}}, "teacher.model or teacher.finetune_from"),
     ({"budget": {"batch_size": 1}}, "at least one of budget.latency_ms"),
+    ({"proxy": {"repeats": 2, "eval_every": 50}}, "proxy.repeats: repeated candidates"),
+    ({"proxy": {"repeats": 0}}, "proxy.repeats"),
 ])
 def test_bad_configs_name_the_key(patch, where):
     with pytest.raises(UserError, match=where.replace(".", r"\.")):

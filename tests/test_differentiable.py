@@ -308,3 +308,24 @@ def test_supernet_proxy_trains_once_and_candidates_inherit_its_slices(diff_run, 
     _, again = diff_run(*overrides)
     again.proxy.evaluate(arch, progress=False)
     assert calls["n"] == 5  # the candidate's 5 steps; no supernet training
+
+    # proxy.repeats: the candidate trained 3 times, at seeds 0, 1, 2 (batch order and dropout),
+    # from the one supernet, and scored by the mean; the first run is the single run above and
+    # the model is its model
+    seeds, real_batches = [], proxy_mod.shuffled_batches
+
+    def recording(n, batch_size, seed, *a, **k):
+        seeds.append(seed)
+        return real_batches(n, batch_size, seed, *a, **k)
+
+    monkeypatch.setattr(proxy_mod, "shuffled_batches", recording)
+    calls["n"] = 0
+    _, thrice = diff_run(*overrides, "proxy.repeats=3", "proxy.eval_every=0")
+    assert "the mean of 3 runs" in thrice.proxy.score_name()
+    mean, model3 = thrice.proxy.evaluate(arch, progress=False)
+    assert calls["n"] == 15 and seeds == [0, 1, 2]
+    assert len(mean.repeat_scores) == 3 and mean.repeat_scores[0] == result.score
+    assert mean.score == pytest.approx(sum(mean.repeat_scores) / 3)
+    assert mean.metrics["accuracy"] == pytest.approx(mean.score)
+    for (name, p), q in zip(model.state_dict().items(), model3.state_dict().values()):
+        assert torch.equal(p, q), name
