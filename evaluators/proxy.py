@@ -219,8 +219,9 @@ class DistillationProxy:
             runs.append(one.evaluate(arch, progress=progress))
         results = [r for r, _ in runs]
 
-        def mean(dicts):
-            return {k: statistics.fmean(d[k] for d in dicts) for k in dicts[0]}
+        def mean(dicts):  # of every score; counts (the examples scored, n) are the first's
+            return {k: statistics.fmean(d[k] for d in dicts) if isinstance(v, float) else v
+                    for k, v in dicts[0].items()}
 
         metrics = mean([r.metrics for r in results])
         fp32 = None if results[0].fp32_metrics is None else mean([r.fp32_metrics

@@ -327,5 +327,6 @@ def test_supernet_proxy_trains_once_and_candidates_inherit_its_slices(diff_run, 
     assert len(mean.repeat_scores) == 3 and mean.repeat_scores[0] == result.score
     assert mean.score == pytest.approx(sum(mean.repeat_scores) / 3)
     assert mean.metrics["accuracy"] == pytest.approx(mean.score)
+    assert mean.metrics["n"] == result.metrics["n"] and isinstance(mean.metrics["n"], int)
     for (name, p), q in zip(model.state_dict().items(), model3.state_dict().values()):
         assert torch.equal(p, q), name
