@@ -23,7 +23,10 @@ mean over seeds 0-2 (what the option does at the config's seed 0), 3-5 and 6-8, 
 independent measures of it. The order of looking: seeds 0-2 were seen before the option was
 built, 3-5 measured it (dev accuracy's mean fell to 0.504), and agreement was chosen as the
 mean's score after 0-5, so 6-8 is the held-out measure of that choice. Below the table, the
-mean of every 3 of the 9 seeds (84 groups, overlapping, so not independent): how much it moves.
+mean of every 3 of the 9 seeds (84 groups, overlapping, so not independent): how much it moves;
+and what the finalist stage needs (``--top-k`` 8, ``search.rescore_top_k``): how often the
+band's best student (by its final mean) is among the proxy's top 8, and by how many points of
+final accuracy the best of the top 8 falls short of it on average.
 Kendall tau is against proxy_fidelity's final test means
 (``benchmarks/results/proxy_fidelity.archs.json``), with a bootstrap 95% interval over the
 architectures. Beside them, proxy_fidelity's own ``supernet-20`` scores against the same means:
@@ -32,7 +35,9 @@ are written to ``--work``/results.json when done. Writes
 ``benchmarks/results/proxy_objectives.json``: records ``proxy``, ``steps``, ``objective``,
 ``proxy_seed``, ``repeats``, ``tau``, ``tau_ci95``, ``n``, ``s_per_candidate`` and
 ``default: true`` on what the demo config searches with (and, for every group of seeds,
-``tau_std``, ``tau_range`` and ``n_groups`` instead of a seed and an interval).
+``tau_std``, ``tau_range``, ``n_groups``, ``top_k``, ``best_in_top_k`` (of the groups) and
+``best_in_top_k_one_seed`` ([seeds, of]), ``top_k_short_points`` (and ``_one_seed``) instead
+of a seed and an interval).
 
     python benchmarks/proxy_objectives.py      # about 45 min on 2 CPU cores (cached supernet)
 """
@@ -97,6 +102,8 @@ def main() -> int:
                          "splits stay the config's")
     ap.add_argument("--repeats", type=int, default=3,
                     help="proxy.repeats to score: the mean of this many consecutive seeds")
+    ap.add_argument("--top-k", type=int, default=8,
+                    help="the finalist stage's k: is the band's best student in the top k?")
     ap.add_argument("--work", default="runs/bench_proxy_objectives")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -154,6 +161,18 @@ def main() -> int:
         return [statistics.mean(results[key(steps, s, a)][objective] for s in group)
                 for a in archs]
 
+    best = max(range(len(final)), key=final.__getitem__)
+
+    def top(scores) -> list[int]:
+        return sorted(range(len(scores)), key=lambda i: -scores[i])[:args.top_k]
+
+    def hit(scores) -> bool:
+        return best in top(scores)
+
+    def short(scores) -> float:
+        """Points of final accuracy between the band's best and the best of the top k."""
+        return 100 * (final[best] - max(final[i] for i in top(scores)))
+
     every = []  # the mean of r seeds at every r of the seeds: how its tau varies
     for steps in args.steps:
         seeds = [s for st, s in units(args) if st == steps]
@@ -174,15 +193,27 @@ def main() -> int:
             for objective in OBJECTIVES:
                 single = [kendalltau([results[key(steps, s, a)][objective] for a in archs],
                                      final).statistic for s in seeds]
+                groups = list(itertools.combinations(seeds, r))
                 taus = [kendalltau(mean_of(steps, objective, g), final).statistic
-                        for g in itertools.combinations(seeds, r)]
-                every.append((steps, objective, single, taus))
+                        for g in groups]
+                # the finalist stage needs less than a ranking: the band's best student among
+                # the proxy's top k (search.rescore_top_k)
+                hits = [hit(mean_of(steps, objective, [s])) for s in seeds]
+                group_hits = [hit(mean_of(steps, objective, g)) for g in groups]
+                gaps = [short(mean_of(steps, objective, [s])) for s in seeds]
+                group_gaps = [short(mean_of(steps, objective, g)) for g in groups]
+                every.append((steps, objective, single, taus, hits, group_hits, gaps,
+                              group_gaps))
                 records.append({"proxy": f"supernet-{steps} x{r}, every {r} of seeds "
                                 f"{','.join(map(str, seeds))}", "steps": steps,
                                 "objective": objective, "repeats": r,
                                 "tau": statistics.mean(taus), "tau_std": statistics.stdev(taus),
                                 "tau_range": [min(taus), max(taus)], "n_groups": len(taus),
                                 "n": len(archs), "s_per_candidate": cost * r,
+                                "top_k": args.top_k, "best_in_top_k": sum(group_hits),
+                                "best_in_top_k_one_seed": [sum(hits), len(hits)],
+                                "top_k_short_points": statistics.mean(group_gaps),
+                                "top_k_short_points_one_seed": statistics.mean(gaps),
                                 "default": False})
     add(f"{DEFAULT} (proxy_fidelity's run)", run.cfg.proxy.steps, "accuracy", [run.cfg.seed],
         [[r["scores"][DEFAULT] for r in stored]], None, ours=False)
@@ -194,12 +225,16 @@ def main() -> int:
     print(text_table(["proxy", "KD steps", "scored by", f"Kendall tau (seed {run.cfg.seed}; x3: its seeds)",
                       "95% interval", "tau over proxy seeds (n)", "s per candidate",
                       "default"], rows))
-    for steps, objective, single, taus in every:
+    for steps, objective, single, taus, hits, group_hits, gaps, group_gaps in every:
         print(f"{steps} steps, {objective}: one seed {statistics.mean(single):.3f} ± "
               f"{statistics.stdev(single):.3f} ({min(single):.3f} to {max(single):.3f}, "
               f"{len(single)} seeds); the mean of {r} seeds {statistics.mean(taus):.3f} ± "
               f"{statistics.stdev(taus):.3f} ({min(taus):.3f} to {max(taus):.3f}, every "
-              f"{r} of the {len(single)}: {len(taus)}; not independent)")
+              f"{r} of the {len(single)}: {len(taus)}; not independent); the band's best "
+              f"student ({archs[best].name}, {final[best]:.4f}) in the top {args.top_k}: "
+              f"{sum(hits)} of {len(hits)} seeds, {sum(group_hits)} of {len(group_hits)} means "
+              f"(the top {args.top_k}'s best short of it by {statistics.mean(gaps):.3f} and "
+              f"{statistics.mean(group_gaps):.3f} points on average)")
     last = args.steps[-1]
     print(f"spread over the architectures at {last} steps (std): " + ", ".join(
         f"{o} {torch.tensor([results[f'{last}/{a.name}'][o] for a in archs]).std():.4f}"
