@@ -210,13 +210,16 @@ class DistillationProxy:
         model.eval()
         return EvalResult(metrics[metric], metrics, curve, seconds, fp32), model
 
+    def repeat(self, i: int) -> DistillationProxy:
+        """Run ``i`` of ``repeats`` alone (seed ``seed + i``); run 0 trains the model that a
+        repeated candidate keeps, so a lost checkpoint is trained again by it alone."""
+        one = copy.copy(self)
+        one.seed, one.repeats = self.seed + i, 1
+        return one
+
     def _repeated(self, arch: ArchConfig, *, report, progress: bool):
         self.prepare(progress=progress)  # a supernet is trained (or loaded) once, shared below
-        runs = []
-        for i in range(self.repeats):
-            one = copy.copy(self)
-            one.seed, one.repeats = self.seed + i, 1
-            runs.append(one.evaluate(arch, progress=progress))
+        runs = [self.repeat(i).evaluate(arch, progress=progress) for i in range(self.repeats)]
         results = [r for r, _ in runs]
 
         def mean(dicts):  # of every score; counts (the examples scored, n) are the first's

@@ -81,7 +81,8 @@ def export_trial(run: Run, study: optuna.Study, trial: optuna.trial.FrozenTrial,
     else:
         log.warning("checkpoint %s not found here: training trial %d again", ckpt, trial.number)
     if model is None:
-        _, model = run.proxy.evaluate(arch, progress=run.progress)
+        # the trial's model: its proxy run (the first, where proxy.repeats runs several)
+        _, model = run.proxy.repeat(0).evaluate(arch, progress=run.progress)
         model.save_pretrained(ckpt)  # the next export of it loads it
     return write_folder(run, model, arch, out, label=f"student (trial #{trial.number})",
                         title=f"{study.study_name} trial {trial.number}: {arch.name}",

@@ -210,7 +210,8 @@ def cached(tmp_path_factory):
     tiny_assets.build(proj / "tiny")
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["teacher"] = {"finetune_from": "tiny/teacher", "epochs": 0.2, "lr": 1e-4}
-    cfg["proxy"].update(kind="supernet", supernet_steps=20, steps=5, eval_every=0)
+    cfg["proxy"].update(kind="supernet", supernet_steps=20, steps=5, eval_every=0,
+                        repeats=2)  # a search with repeated candidates, and its export
     (proj / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     env = {"TACNAS_CACHE": str(proj / "cache")}
     cli_here("search", "--config", "tiny.yaml", "--study", "sn", "--n-trials", "1", cwd=proj, env=env)
