@@ -45,7 +45,6 @@ of a seed and an interval).
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import logging
@@ -121,8 +120,8 @@ def main() -> int:
         return f"{steps}/{a.name}" if seed == 0 else f"{steps}/s{seed}/{a.name}"
 
     for steps, seed in units(args):
-        proxy = copy.copy(run.proxy)
-        proxy.steps, proxy.seed = steps, seed
+        proxy = run.proxy.repeat(seed - run.proxy.seed)  # one run at that seed
+        proxy.steps = steps
         for a in archs:
             k = key(steps, seed, a)
             if k in results:
@@ -163,15 +162,11 @@ def main() -> int:
 
     best = max(range(len(final)), key=final.__getitem__)
 
-    def top(scores) -> list[int]:
-        return sorted(range(len(scores)), key=lambda i: -scores[i])[:args.top_k]
-
-    def hit(scores) -> bool:
-        return best in top(scores)
-
-    def short(scores) -> float:
-        """Points of final accuracy between the band's best and the best of the top k."""
-        return 100 * (final[best] - max(final[i] for i in top(scores)))
+    def top_k(scores) -> tuple[bool, float]:
+        """Whether the band's best student is among the top k of ``scores``, and how many
+        points of final accuracy the best of the top k is short of it."""
+        top = sorted(range(len(scores)), key=lambda i: -scores[i])[:args.top_k]
+        return best in top, 100 * (final[best] - max(final[i] for i in top))
 
     every = []  # the mean of r seeds at every r of the seeds: how its tau varies
     for steps in args.steps:
@@ -191,17 +186,15 @@ def main() -> int:
                     [mean_of(steps, objective, g)], cost * r, repeats=r)
         if len(seeds) > r:
             for objective in OBJECTIVES:
-                single = [kendalltau([results[key(steps, s, a)][objective] for a in archs],
-                                     final).statistic for s in seeds]
-                groups = list(itertools.combinations(seeds, r))
-                taus = [kendalltau(mean_of(steps, objective, g), final).statistic
-                        for g in groups]
+                one = [mean_of(steps, objective, [s]) for s in seeds]
+                means = [mean_of(steps, objective, g)
+                         for g in itertools.combinations(seeds, r)]
+                single = [kendalltau(v, final).statistic for v in one]
+                taus = [kendalltau(v, final).statistic for v in means]
                 # the finalist stage needs less than a ranking: the band's best student among
                 # the proxy's top k (search.rescore_top_k)
-                hits = [hit(mean_of(steps, objective, [s])) for s in seeds]
-                group_hits = [hit(mean_of(steps, objective, g)) for g in groups]
-                gaps = [short(mean_of(steps, objective, [s])) for s in seeds]
-                group_gaps = [short(mean_of(steps, objective, g)) for g in groups]
+                hits, gaps = zip(*map(top_k, one))
+                group_hits, group_gaps = zip(*map(top_k, means))
                 every.append((steps, objective, single, taus, hits, group_hits, gaps,
                               group_gaps))
                 records.append({"proxy": f"supernet-{steps} x{r}, every {r} of seeds "
