@@ -9,21 +9,27 @@ the same final recipe (search_vs_hand's kd2), as two Optuna studies per budget:
 
 - ``finalists``: the config's TPE and default proxy, then ``search.rescore_top_k: 8``,
   ``rescore_recipe: distill``, ``rescore_objective: agreement``;
-- ``finalists-use85``: the same with ``budget.min_use: 0.85``.
+- ``finalists-use85``: the same with ``budget.min_use: 0.85``;
+- ``shipped``: the search as ``--config`` ships it (its floor, finalists and proxy; the demo
+  config's proxy is now the mean dev agreement of 5 runs where the two above ran one, scored
+  by dev accuracy).
 
 Each study's pick is its seed-0 finalist (trained by the search, on this CPU) and is finished
 with seeds 1 and 2 too. Beside them: search_vs_hand.json's students at the same budget (3 seeds,
 the same recipe; trained on a lent H100 or this CPU, as recorded there), and one latency pass of
-the picks against the teacher.
+the picks against the teacher. A pick's seed that best_in_space already finished (``--reuse``:
+the same recipe on the same teacher) is taken from there and marked so.
 
 Resumable: the studies live in ``--work``/runs; each (student, seed) is written to
 ``--work``/results.json when done and skipped on rerun. Prints its tables and writes
 ``benchmarks/results/finalist_search.json``: records ``task``, ``budget``, ``student``,
 ``kind`` ("search"), ``fits``, ``arch``, ``latency_ms``, ``speedup``, ``seed``,
-``test_score``, ``teacher_test_score``, ``dev_score``, ``dev_agreement``, ``device``, and for
+``test_score``, ``teacher_test_score``, ``dev_score``, ``dev_agreement``, ``device`` (and
+``from``, the benchmark folder, on a reused seed), and for
 the finalists of each study (kind "search-finalist", seed 0) the same.
 
     python benchmarks/finalist_search.py --budget 8x@1     # about 40 min on 2 CPU cores
+    python benchmarks/finalist_search.py --budget 4x@1 --studies shipped   # about 56 min
 """
 
 from __future__ import annotations
@@ -42,19 +48,38 @@ from tacnas.searchspace.arch import ArchConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH = "finalist_search"
 STUDIES = {"finalists-use85": [*FINALIST_SEARCH, "budget.min_use=0.85"],
-           "finalists": FINALIST_SEARCH}
+           "finalists": FINALIST_SEARCH,
+           # the search as the config ships it (shipped_search: its floor, its finalists and its
+           # proxy, which since the two above ran scores the mean agreement of 5 runs; main()
+           # reads it from --config)
+           "shipped": None}
 
 
 def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
-    """Where each seed of ``arch`` was trained: ``cpu (s0), NVIDIA H200 (s1, s2)``."""
+    """Where each seed of ``arch`` was trained: ``cpu (s0), NVIDIA H200 (s1, s2)``, and by
+    which benchmark where it was not this one."""
     by = {}
     for seed in seeds:
-        by.setdefault(units[f"{arch}/s{seed}"].get("device", "cpu"), []).append(f"s{seed}")
-    return ", ".join(f"{d} ({', '.join(s)})" for d, s in by.items())
+        u = units[f"{arch}/s{seed}"]
+        where = u.get("device", "cpu") + (f", {Path(u['from']).name}" if "from" in u else "")
+        by.setdefault(where, []).append(f"s{seed}")
+    return "; ".join(f"{d} ({', '.join(s)})" for d, s in by.items())
+
+
+def finished_elsewhere(folders: list[str], key: str) -> dict | None:
+    """``key`` (``arch/sSEED``) as another benchmark finished it with the same recipe on the
+    same teacher (best_in_space's searched students: search_vs_hand's kd2, FULL_DATA, the
+    default teacher layers), marked ``from`` that benchmark's folder; None where none did."""
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        unit = json.loads(path.read_text()).get("units", {}).get(key) if path.is_file() else None
+        if unit is not None:
+            return {**unit, "from": folder}
+    return None
 
 
 def main() -> int:
-    from real_task import distill_seed, latency_pass, resumable
+    from real_task import distill_seed, latency_pass, resumable, shipped_search
     from search_vs_hand import FULL_DATA, _sd, parse_budget
 
     from tacnas.evaluators.latency_table import cpu_name, teacher_arch
@@ -72,6 +97,9 @@ def main() -> int:
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES),
                     help="run these (the others' finished results are still reported)")
+    ap.add_argument("--reuse", nargs="*", default=["runs/bench_best_in_space"],
+                    help="benchmark folders whose finished (student, seed) units of a pick are "
+                    "taken instead of training them again (the same recipe and teacher)")
     ap.add_argument("--searches-only", action="store_true",
                     help="stop after the searches (and their finalists): the picks' other seeds "
                     "can then train on a lent GPU (benchmarks/on_device.py pack)")
@@ -90,8 +118,13 @@ def main() -> int:
     for name, extra in STUDIES.items():
         if name not in args.studies and name not in searches:
             continue
+        if extra is None:
+            extra = shipped_search(args.config)
         cfg = load_config(args.config, [*over, *extra])
-        srun = dataclasses.replace(run, cfg=cfg)  # the same teacher, data, proxy and meter
+        # the same teacher, data, proxy and meter; a study with another proxy (shipped) is
+        # prepared from its own config (the teacher, its logits and the supernet are cached)
+        srun = (dataclasses.replace(run, cfg=cfg) if cfg.proxy == run.cfg.proxy
+                else prepare(cfg, progress=True))
         study = create_or_load(name, default_storage(cfg.run_dir, name), cfg)
         if name not in searches:
             searches[name] = run_finalist_search(srun, study)
@@ -115,8 +148,9 @@ def main() -> int:
         for seed in args.seeds[1:]:
             key = f"{pick.name}/s{seed}"
             if key not in units:
-                units[key] = distill_seed(run, pick, work / "distilled" / args.budget /
-                                          key.replace("/", "_"), seed, label=key)
+                units[key] = (finished_elsewhere(args.reuse, key)
+                              or distill_seed(run, pick, work / "distilled" / args.budget /
+                                              key.replace("/", "_"), seed, label=key))
                 save()
                 print(f"{key}: test {units[key]['test']:.4f}", flush=True)
 
@@ -146,7 +180,8 @@ def main() -> int:
                             "latency_ms": ms, "speedup": sp, "seed": seed,
                             "test_score": u["test"], "teacher_test_score": u["teacher_test"],
                             "dev_score": u["dev"], "dev_agreement": u["dev_agreement"],
-                            "device": u.get("device", "cpu")})
+                            "device": u.get("device", "cpu"),
+                            **({"from": u["from"]} if "from" in u else {})})
         rows.append([name, pick.name, f"{ms:.2f}", f"{sp:.2f}x", "yes" if sp >= speedup else "NO",
                      f"{ms / (lat['teacher_ms'] / speedup):.2f}",
                      f"{statistics.mean(test):.4f} ± {_sd(test):.4f}",
