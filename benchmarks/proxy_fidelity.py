@@ -23,7 +23,7 @@ of the other seeds (averaged over the seeds). Resumable: each (architecture, pro
 (architecture, seed) final distillation is written to ``--work``/results.json when done. Writes
 ``benchmarks/results/proxy_fidelity.json``: records ``proxy``, ``tau``, ``tau_ci95``, ``n``,
 ``latency_band_ms``, ``final_seeds`` and ``default: true`` on the proxy the demo config searched
-with when it ran (one run scored by dev accuracy; the default since, the mean agreement of 3
+with when it ran (one run scored by dev accuracy; the default since, the mean agreement of 5
 runs, is measured on the same 36 by proxy_objectives.py and marked default in its JSON); and
 ``benchmarks/results/proxy_fidelity.archs.json``, one record per architecture (``arch``,
 ``latency_ms``, ``final_seeds``, ``final_test``, ``final_test_mean``, ``final_test_std``,

@@ -190,7 +190,8 @@ class ProxyConfig:
     # order and dropout masks), and ranked by the mean of the scores (its checkpoint is the
     # first's): the supernet proxy's 20 steps ranked 36 tweet students of one latency at tau
     # 0.47 ± 0.11 over 9 seeds scored by dev accuracy, the mean agreement of 3 runs at
-    # 0.62 ± 0.03 (benchmarks/proxy_objectives.py); it costs `repeats` times the training
+    # 0.62 ± 0.03, of 5 at 0.64 ± 0.03 (benchmarks/proxy_objectives.py); it costs `repeats`
+    # times the training
     repeats: int = Field(1, ge=1)
 
     @model_validator(mode="after")
