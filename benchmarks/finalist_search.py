@@ -48,11 +48,10 @@ from tacnas.searchspace.arch import ArchConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCH = "finalist_search"
 STUDIES = {"finalists-use85": [*FINALIST_SEARCH, "budget.min_use=0.85"],
-           "finalists": FINALIST_SEARCH,
-           # the search as the config ships it (shipped_search: its floor, its finalists and its
-           # proxy, which since the two above ran scores the mean agreement of 5 runs; main()
-           # reads it from --config)
-           "shipped": None}
+           "finalists": FINALIST_SEARCH}
+# and "shipped": the search as --config ships it (real_task.shipped_search: its floor, its
+# finalists and its proxy, which since the two above ran scores the mean agreement of 5 runs)
+SHIPPED = "shipped"
 
 
 def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
@@ -95,7 +94,8 @@ def main() -> int:
                     help="the first is the search's own (its finalist)")
     ap.add_argument("--work", default="runs/bench_finalist_search")
     ap.add_argument("--sweeps", type=int, default=5)
-    ap.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES),
+    ap.add_argument("--studies", nargs="+", choices=[*STUDIES, SHIPPED],
+                    default=[*STUDIES, SHIPPED],
                     help="run these (the others' finished results are still reported)")
     ap.add_argument("--reuse", nargs="*", default=["runs/bench_best_in_space"],
                     help="benchmark folders whose finished (student, seed) units of a pick are "
@@ -115,27 +115,26 @@ def main() -> int:
         raise SystemExit(f"--seeds: the first must be the config's seed {run.cfg.seed}")
     searches = mine.setdefault("searches", {})
     units = mine.setdefault("units", {})
-    for name, extra in STUDIES.items():
+    for name, extra in {**STUDIES, SHIPPED: shipped_search(args.config)}.items():
         if name not in args.studies and name not in searches:
             continue
-        if extra is None:
-            extra = shipped_search(args.config)
-        cfg = load_config(args.config, [*over, *extra])
-        # the same teacher, data, proxy and meter; a study with another proxy (shipped) is
-        # prepared from its own config (the teacher, its logits and the supernet are cached)
-        srun = (dataclasses.replace(run, cfg=cfg) if cfg.proxy == run.cfg.proxy
-                else prepare(cfg, progress=True))
-        study = create_or_load(name, default_storage(cfg.run_dir, name), cfg)
-        if name not in searches:
-            searches[name] = run_finalist_search(srun, study)
-            save()
-        s = searches[name]
-        if "finalists" not in s:  # dev, agreement (what chose) and test of each, seed 0
-            teacher = {"teacher_test": run.teacher_test()["accuracy"],
-                       "teacher_dev": run.teacher_dev["accuracy"]}
-            s["finalists"] = {a: {**u, **teacher} for a, u in
-                              score_finalists(srun, study, s["proxy_order"]).items()}
-            save()
+        s = searches.get(name)
+        if s is None or "finalists" not in s:  # the search, or its finalists' scores, to do
+            cfg = load_config(args.config, [*over, *extra])
+            # the same teacher, data, proxy and meter; a study with another proxy (shipped) is
+            # prepared from its own config (the teacher, its logits and the supernet are cached)
+            srun = (dataclasses.replace(run, cfg=cfg) if cfg.proxy == run.cfg.proxy
+                    else prepare(cfg, progress=True))
+            study = create_or_load(name, default_storage(cfg.run_dir, name), cfg)
+            if s is None:
+                s = searches[name] = run_finalist_search(srun, study)
+                save()
+            if "finalists" not in s:  # dev, agreement (what chose) and test of each, seed 0
+                teacher = {"teacher_test": run.teacher_test()["accuracy"],
+                           "teacher_dev": run.teacher_dev["accuracy"]}
+                s["finalists"] = {a: {**u, **teacher} for a, u in
+                                  score_finalists(srun, study, s["proxy_order"]).items()}
+                save()
         done = s["finalists"]
         pick = ArchConfig.from_dict(s["arch"])
         units.setdefault(f"{pick.name}/s{args.seeds[0]}", done[pick.name])  # the search's own

@@ -175,7 +175,8 @@ def main() -> int:
         """The share of ``taus`` at the target, 0.6, or more."""
         return sum(float(t) >= 0.6 for t in taus) / len(taus)
 
-    every = {}  # (steps, objective, r) -> the mean of r seeds at every r of the seeds
+    one_seed = {}  # (steps, objective) -> each seed's tau, top-k hit and shortfall
+    every = {}  # (steps, objective, r) -> the same for the mean of every r of the seeds
     curve = []  # (steps, objective, [(r, mean tau, share of groups at 0.6 or more)])
     for steps in args.steps:
         seeds = [s for st, s in units(args) if st == steps]
@@ -197,6 +198,7 @@ def main() -> int:
             one = [mean_of(steps, objective, [s]) for s in seeds]
             single = [kendalltau(v, final).statistic for v in one]
             hits, gaps = zip(*map(top_k, one))
+            one_seed[steps, objective] = single, hits, gaps
             points = [(1, statistics.mean(single), share(single))]
             for r in range(2, len(seeds)):
                 means = [mean_of(steps, objective, g) for g in itertools.combinations(seeds, r)]
@@ -205,7 +207,7 @@ def main() -> int:
                 # the finalist stage needs less than a ranking: the band's best student among
                 # the proxy's top k (search.rescore_top_k)
                 group_hits, group_gaps = zip(*map(top_k, means))
-                every[steps, objective, r] = (single, taus, hits, group_hits, gaps, group_gaps)
+                every[steps, objective, r] = taus, group_hits, group_gaps
                 records.append({"proxy": f"supernet-{steps} x{r}, every {r} of seeds "
                                 f"{','.join(map(str, seeds))}", "steps": steps,
                                 "objective": objective, "repeats": r,
@@ -218,7 +220,7 @@ def main() -> int:
                                 "top_k_short_points": statistics.mean(group_gaps),
                                 "top_k_short_points_one_seed": statistics.mean(gaps),
                                 "default": False})
-            curve.append((steps, objective, cost, points))
+            curve.append((steps, objective, points))
     add(f"{DEFAULT} (proxy_fidelity's run)", run.cfg.proxy.steps, "accuracy", [run.cfg.seed],
         [[r["scores"][DEFAULT] for r in stored]], None, ours=False)
     (RESULTS / "proxy_objectives.json").write_text(json.dumps(records, indent=1) + "\n")
@@ -230,10 +232,10 @@ def main() -> int:
                       f"Kendall tau (seed {run.cfg.seed}; xR: its seeds)",
                       "95% interval", "tau over proxy seeds (n)", "s per candidate",
                       "default"], rows))
-    for (steps, objective, r), (single, taus, hits, group_hits, gaps, group_gaps) in \
-            every.items():
+    for (steps, objective, r), (taus, group_hits, group_gaps) in every.items():
         if r not in args.repeats:
             continue
+        single, hits, gaps = one_seed[steps, objective]
         print(f"{steps} steps, {objective}: one seed {statistics.mean(single):.3f} ± "
               f"{statistics.stdev(single):.3f} ({min(single):.3f} to {max(single):.3f}, "
               f"{len(single)} seeds); the mean of {r} seeds {statistics.mean(taus):.3f} ± "
@@ -249,7 +251,7 @@ def main() -> int:
               "scores (the share of them at 0.6 or more); s per candidate is r times one run's")
         print(text_table(["KD steps", "scored by", *(f"r = {r}" for r in range(1, n + 1))],
                          [[str(steps), objective, *(f"{t:.3f} ({share:.0%})" for _, t, share in p)]
-                          for steps, objective, _, p in curve]))
+                          for steps, objective, p in curve]))
     last = args.steps[-1]
     print(f"spread over the architectures at {last} steps (std): " + ", ".join(
         f"{o} {torch.tensor([results[f'{last}/{a.name}'][o] for a in archs]).std():.4f}"
