@@ -248,10 +248,12 @@ def run_finalist_search(run, study) -> dict:
     names = {n: TrialRecord.read(study.trials[n]).arch_name for n in summary["rescored"]}
     return {"arch": r.arch.to_dict(), "proxy": r.score, "trial": best.number,
             "seconds": time.perf_counter() - t0, "trained": summary["trained"],
-            "budget_ms": study.user_attrs["budget_ms"],
+            "search_seconds": summary.get("seconds"), "budget_ms": study.user_attrs["budget_ms"],
             "rescored": {names[n]: v for n, v in summary["rescored"].items()},
-            "proxy_order": [names[n] for n in sorted(summary["rescored"],
-                                                     key=lambda n: (-study.trials[n].value, n))]}
+            # the differentiable search's finalists: most likely first
+            "proxy_order": study.user_attrs.get("differentiable_finalists") or [
+                names[n] for n in sorted(summary["rescored"],
+                                         key=lambda n: (-study.trials[n].value, n))]}
 
 
 def score_finalists(run, study, names: list[str]) -> dict:

@@ -12,13 +12,18 @@ the same final recipe (search_vs_hand's kd2), as two Optuna studies per budget:
 - ``finalists-use85``: the same with ``budget.min_use: 0.85``;
 - ``shipped``: the search as ``--config`` ships it (its floor, finalists and proxy; the demo
   config's proxy is now the mean dev agreement of 5 runs where the two above ran one, scored
-  by dev accuracy).
+  by dev accuracy);
+- ``differentiable``: the same with ``search.strategy: differentiable`` at its defaults: the
+  Gumbel-softmax search over its own supernet, then its 8 most likely architectures within
+  the budget (``budget.min_use`` included) in place of TPE's proxy-ranked 8, trained in full
+  and chosen by dev agreement alike.
 
 Each study's pick is its seed-0 finalist (trained by the search, on this CPU) and is finished
 with seeds 1 and 2 too. Beside them: search_vs_hand.json's students at the same budget (3 seeds,
 the same recipe; trained on a lent H100 or this CPU, as recorded there), and one latency pass of
 the picks against the teacher. A pick's seed that best_in_space already finished (``--reuse``:
-the same recipe on the same teacher) is taken from there and marked so.
+the same recipe on the same teacher; a folder's results.json, or a committed JSON of records
+with ``arch``, ``seed`` and ``test_score``) is taken from there and marked so.
 
 Resumable: the studies live in ``--work``/runs; each (student, seed) is written to
 ``--work``/results.json when done and skipped on rerun. Prints its tables and writes
@@ -52,6 +57,7 @@ STUDIES = {"finalists-use85": [*FINALIST_SEARCH, "budget.min_use=0.85"],
 # and "shipped": the search as --config ships it (real_task.shipped_search: its floor, its
 # finalists and its proxy, which since the two above ran scores the mean agreement of 5 runs)
 SHIPPED = "shipped"
+DIFFERENTIABLE = "differentiable"  # the shipped config with search.strategy: differentiable
 
 
 def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
@@ -69,7 +75,19 @@ def finished_elsewhere(folders: list[str], key: str) -> dict | None:
     """``key`` (``arch/sSEED``) as another benchmark finished it with the same recipe on the
     same teacher (best_in_space's searched students: search_vs_hand's kd2, FULL_DATA, the
     default teacher layers), marked ``from`` that benchmark's folder; None where none did."""
+    arch, seed = key.rsplit("/s", 1)
     for folder in folders:
+        if folder.endswith(".json"):  # committed records (best_in_space.json, ...)
+            path = Path(folder)
+            recs = json.loads(path.read_text()) if path.is_file() else []
+            for r in recs:
+                if r["arch"] == arch and r["seed"] == int(seed) and r["kind"] != "hand" \
+                        and r.get("recipe", "kd2") == "kd2":
+                    return {"test": r["test_score"], "dev": r["dev_score"],
+                            "dev_agreement": r.get("dev_agreement"),
+                            "teacher_test": r["teacher_test_score"],
+                            "device": r.get("device", "cpu"), "from": folder}
+            continue
         path = Path(folder) / "results.json"
         unit = json.loads(path.read_text()).get("units", {}).get(key) if path.is_file() else None
         if unit is not None:
@@ -94,10 +112,12 @@ def main() -> int:
                     help="the first is the search's own (its finalist)")
     ap.add_argument("--work", default="runs/bench_finalist_search")
     ap.add_argument("--sweeps", type=int, default=5)
-    ap.add_argument("--studies", nargs="+", choices=[*STUDIES, SHIPPED],
-                    default=[*STUDIES, SHIPPED],
+    ap.add_argument("--studies", nargs="+", choices=[*STUDIES, SHIPPED, DIFFERENTIABLE],
+                    default=[*STUDIES, SHIPPED, DIFFERENTIABLE],
                     help="run these (the others' finished results are still reported)")
-    ap.add_argument("--reuse", nargs="*", default=["runs/bench_best_in_space"],
+    ap.add_argument("--reuse", nargs="*", default=[
+        "runs/bench_best_in_space", str(RESULTS / "best_in_space.json"),
+        str(RESULTS / "finalist_search.json")],
                     help="benchmark folders whose finished (student, seed) units of a pick are "
                     "taken instead of training them again (the same recipe and teacher)")
     ap.add_argument("--searches-only", action="store_true",
@@ -115,7 +135,9 @@ def main() -> int:
         raise SystemExit(f"--seeds: the first must be the config's seed {run.cfg.seed}")
     searches = mine.setdefault("searches", {})
     units = mine.setdefault("units", {})
-    for name, extra in {**STUDIES, SHIPPED: shipped_search(args.config)}.items():
+    shipped = shipped_search(args.config)
+    for name, extra in {**STUDIES, SHIPPED: shipped,
+                        DIFFERENTIABLE: [*shipped, "search.strategy=differentiable"]}.items():
         if name not in args.studies and name not in searches:
             continue
         s = searches.get(name)
@@ -212,13 +234,17 @@ def main() -> int:
                       "test mean ± std", "% of teacher", "latency from", "trained on"], rows))
     for name, s in searches.items():
         pick = ArchConfig.from_dict(s["arch"]).name
-        print(f"{name}: {s['seconds']:.0f} s on 2 cores ({s['trained']} trained candidates, then "
-              f"its {len(s['proxy_order'])} best by the proxy trained in full, seed "
+        how = (f"the Gumbel-softmax search ({s.get('search_seconds', 0):.0f} s), then its "
+               f"{len(s['proxy_order'])} most likely architectures" if name == DIFFERENTIABLE
+               else f"{s['trained']} trained candidates, then its {len(s['proxy_order'])} best "
+               "by the proxy")
+        print(f"{name}: {s['seconds']:.0f} s on 2 cores ({how} trained in full, seed "
               f"{args.seeds[0]}; budget {s['budget_ms']:.2f} ms); chosen by dev agreement: {pick}")
+        rank_by = "likely" if name == DIFFERENTIABLE else "proxy"
         for rank, arch_name in enumerate(s["proxy_order"], 1):
             u = s["finalists"][arch_name]
             use = run.latency.ms(ArchConfig.from_name(arch_name)) / (t_pred / speedup)
-            print(f"  proxy #{rank} {arch_name}  use {use:.2f}  dev {u['dev']:.4f}  agreement "
+            print(f"  {rank_by} #{rank} {arch_name}  use {use:.2f}  dev {u['dev']:.4f}  agreement "
                   f"{u['dev_agreement']:.4f}  test {u['test']:.4f}"
                   + ("  <- chosen" if arch_name == pick else ""))
     RESULTS.mkdir(exist_ok=True)

@@ -112,7 +112,9 @@ class SearchConfig:
     # (score, latency) as two objectives: a Pareto front (nsga2 always; tpe if set)
     multi_objective: bool = False
     # multi-fidelity: once the trials are in, the `rescore_top_k` best by the proxy are trained
-    # again, and the best by that longer score is exported (0: the proxy's best, as scored)
+    # again, and the best by that longer score is exported (0: the proxy's best, as scored);
+    # with strategy differentiable: its `rescore_top_k` most likely architectures within the
+    # budget (in place of the one derived), each re-scored so
     rescore_top_k: int = Field(0, ge=0)
     # how: "proxy" the distillation proxy for `rescore_steps` KD steps (teacher-initialised);
     # "distill" the config's `distill` recipe in full, each finalist as `compress` trains the
@@ -152,11 +154,9 @@ class SearchConfig:
 
     @model_validator(mode="after")
     def _rescore_needs_one_score(self):
-        if self.rescore_top_k and (self.multi_objective or self.sampler == "nsga2"
-                                   or self.strategy == "differentiable"):
-            raise ValueError("search.rescore_top_k: re-scoring picks one best score among Optuna "
-                             "trials; set it to 0, or use search.strategy: optuna with sampler "
-                             "tpe or random and no multi_objective")
+        if self.rescore_top_k and (self.multi_objective or self.sampler == "nsga2"):
+            raise ValueError("search.rescore_top_k: re-scoring picks one best score; set it to "
+                             "0, or use sampler tpe or random and no multi_objective")
         return self
 
     @model_validator(mode="after")

@@ -357,6 +357,11 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
     d = run.cfg.differentiable
     done = [t for t in study.get_trials(deepcopy=False)
             if (r := TrialRecord.read(t)).strategy == "differentiable" and r.counts]
+    if done and run.cfg.search.rescore_top_k:  # the finalists: record the rest, re-score
+        try:
+            return _finalists(run, study, None, Budget.resolve(run, study), None)
+        finally:
+            run.meter.close()
     if done:
         log.info("study %s already holds the derived architecture (trial %d)",
                  study.study_name, done[0].number)
@@ -377,9 +382,61 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
     floor_ref = study.user_attrs["teacher_ms"] if budget.floor is not None else None
     timed_out = _train(run, search, budget.budget_ms, timeout, study.study_name, floor_ref)
     try:
+        if run.cfg.search.rescore_top_k:
+            return _finalists(run, study, search, budget, timed_out)
         return _record(run, study, search, budget, timed_out)
     finally:
         run.meter.close()
+
+
+def _finalists(run: Run, study: optuna.Study, s: _Search | None, budget: Budget,
+               timed_out: bool | None) -> dict:
+    """``search.rescore_top_k: k``: the ``k`` most likely architectures within the budget
+    (``budget.min_use`` included), each recorded as a trial scored as its supernet slice,
+    then re-scored as an Optuna search's top k are (``search.rescore_recipe``, e.g. trained in
+    full by the ``distill`` recipe and chosen by dev agreement). Their names are stored in the
+    study first (user attribute ``differentiable_finalists``), so a search stopped while
+    recording or re-scoring resumes with what it had: the missing ones are recorded from the
+    supernet's checkpoint, without another search step, and only new scores are trained."""
+    from tacnas.nas.optuna_search import rescore
+
+    k = run.cfg.search.rescore_top_k
+    names = study.user_attrs.get("differentiable_finalists")
+    recorded = {r.arch_name: t.number for t in study.get_trials(deepcopy=False)
+                if (r := TrialRecord.read(t)).strategy == "differentiable" and r.counts}
+    if s is None and (names is None or set(names) - set(recorded)):
+        s = _start(run, study)  # the finished search's checkpoint, not trained further
+        if s.state["step"] == 0:
+            raise UserError(f"--study {study.study_name}: its differentiable search's "
+                            "checkpoint is gone, so its most likely architectures cannot be "
+                            "recorded; search again under a new --study")
+        timed_out = s.state["step"] < run.cfg.differentiable.steps
+    if names is None:
+        names = [a.name for a in likely(run, s.net, s.alpha, budget, k)]
+        study.set_user_attr("differentiable_finalists", names)
+    if missing := [n for n in names if n not in recorded]:
+        for name in missing:
+            recorded[name] = _record_one(
+                run, study, s, ArchConfig.from_name(name),
+                f"{names.index(name) + 1}. most likely within the budget", budget,
+                bool(timed_out))["trial"]
+        (s.folder.parent / "differentiable_history.json").write_text(
+            json.dumps(s.state["history"], indent=1))
+    finalists = [study.trials[recorded[n]] for n in names]
+    longer = rescore(run, study, k, run.cfg.search.rescore_steps, among=finalists)
+    best = best_trial(study)
+    if best is None:
+        raise UserError(f"budget: none of the {len(names)} most likely architectures is within "
+                        "the budget as measured; relax the budget")
+    r = TrialRecord.read(best)
+    how = (f"{r.extra.get('derived', '?')}; chosen among the {len(names)} most likely by "
+           f"search.rescore_objective: {run.cfg.search.rescore_objective}")
+    seconds = (s.state["seconds"] if s is not None
+               else max(TrialRecord.read(t).train_seconds or 0.0 for t in finalists))
+    return {"trained": len(names), "target": len(names), "exhausted": False,
+            "budget_ms": budget.budget_ms, "trial": best.number, "arch": r.arch_name,
+            "derived": how, "score": r.score, "latency_ms": r.latency_ms,
+            "seconds": seconds, "rescored": longer}
 
 
 def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out: bool) -> dict:

@@ -278,20 +278,26 @@ def rescore_setting(cfg) -> dict:
     return {**how, "objective": s.rescore_objective}
 
 
-def rescore(run: Run, study: optuna.Study, k: int, steps: int) -> dict[int, float | None]:
+def rescore(run: Run, study: optuna.Study, k: int, steps: int,
+            among: list | None = None) -> dict[int, float | None]:
     """Multi-fidelity (``search.rescore_top_k``): the ``k`` best feasible trials by the proxy
     are trained again, by the distillation proxy for ``steps`` KD steps or by the ``distill``
     recipe in full (``search.rescore_recipe``), and ``best_trial`` then picks by that longer
     run's ``search.rescore_objective``. Each score is stored in the study as it is done (study
     user attribute ``rescored``), so a resumed or repeated search re-scores only what is new;
-    a finalist's full training resumes from its checkpoint."""
+    a finalist's full training resumes from its checkpoint. ``among``: these trials (those of
+    them feasible) instead of the top ``k`` (the differentiable search's most likely)."""
     setting = rescore_setting(run.cfg)
     scores = {str(n): v for n, v in rescored(study).items()}
     if scores and (before := rescored_under(study)) != setting:
         log.warning("search.rescore_*: the study was re-scored under %s; re-scoring its top %d "
                     "under %s", before, k, setting)
         scores = {}
-    top = sorted(feasible_trained(study), key=lambda t: (-t.value, t.number))[:k]
+    feasible = feasible_trained(study)
+    if among is not None:
+        numbers = {t.number for t in among}
+        feasible = [t for t in feasible if t.number in numbers]
+    top = sorted(feasible, key=lambda t: (-t.value, t.number))[:k]
     by_arch = {TrialRecord.read(t).arch_name: scores[str(t.number)] for t in
                study.get_trials(deepcopy=False) if str(t.number) in scores}
     todo = [t for t in top if str(t.number) not in scores]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import optuna
@@ -336,3 +337,88 @@ def test_supernet_proxy_trains_once_and_candidates_inherit_its_slices(diff_run, 
     assert calls["n"] == 5 and thrice.proxy.repeats == 3
     for (name, p), q in zip(model3.state_dict().items(), again3.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_differentiable_finalists_are_its_most_likely_re_scored_and_a_stop_resumes(
+        tmp_path, monkeypatch):
+    """``search.rescore_top_k`` with the differentiable search: its k most likely architectures
+    within the budget are recorded and re-scored, the best by the longer score is the pick; a
+    search stopped while recording them records only the rest, and trains nothing twice."""
+    from tacnas.nas.record import TrialRecord
+    from tacnas.nas.study import best_trial, rescored
+    from tests.conftest import fake_run, true_score
+
+    def with_finalists():
+        run = fake_run(tmp_path, strategy="differentiable")
+        run.cfg = dataclasses.replace(run.cfg, search=dataclasses.replace(
+            run.cfg.search, rescore_top_k=3, rescore_steps=50))
+        return run, create_or_load("fin", default_storage(run.cfg.run_dir, "fin"), run.cfg)
+
+    real = diff_mod._record_one
+    calls = []
+
+    def stop_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[3].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diff_mod, "_record_one", stop_after_one)
+    run, study = with_finalists()
+    with pytest.raises(KeyboardInterrupt):
+        differentiable_search(run, study)
+    monkeypatch.setattr(diff_mod, "_record_one", real)
+    names = study.user_attrs["differentiable_finalists"]
+    assert len(names) == 3 and calls == names[:1] and len(study.trials) == 1
+
+    run, study = with_finalists()
+    summary = differentiable_search(run, study)
+    recs = {t.number: TrialRecord.read(t) for t in study.trials}
+    assert sorted(r.arch_name for r in recs.values()) == sorted(names)  # each once
+    # they are the most likely architectures within the budget, most likely first
+    probs = recs[0].extra["final_probs"]
+
+    def log_p(trial):
+        return sum(math.log(probs[d][str(v)]) for d, v in trial.params.items())
+
+    by_name = {r.arch_name: study.trials[n] for n, r in recs.items()}
+    chances = [log_p(by_name[n]) for n in names]
+    assert chances == sorted(chances, reverse=True)
+    budget = Budget.resolve(run, study)
+    others = [a for a in run.space.all_archs() if a.name not in names and budget.check(a).fits]
+    assert others, "a budget only the finalists fit does not test which ones are likely"
+    for a in others:
+        p = diff_mod._params_of(Supernet(run.space, run.teacher.model), a)
+        assert sum(math.log(probs[d][str(v)]) for d, v in p.items()) <= chances[-1] + 1e-9
+    # every finalist re-scored by the longer proxy (the true score here), the best picked
+    longer = rescored(study)
+    assert set(longer) == set(recs) and len(run.proxy.rescorer.trained) == 3
+    assert all(v == pytest.approx(true_score(recs[n].arch)) for n, v in longer.items())
+    pick = best_trial(study)
+    assert summary["trial"] == pick.number and longer[pick.number] == max(longer.values())
+    assert "chosen among the 3 most likely" in summary["derived"]
+    # a third run records and trains nothing
+    run, study = with_finalists()
+    assert differentiable_search(run, study)["trial"] == pick.number
+    assert run.proxy.rescorer is None and len(study.trials) == 3
+
+
+def test_differentiable_finalists_without_the_search_checkpoint_are_a_user_error(tmp_path):
+    """A study whose search finished without finalists, resumed with ``search.rescore_top_k``
+    after its run folder's checkpoint was deleted: one line naming the study, no traceback."""
+    import shutil
+
+    from tacnas.errors import UserError
+    from tests.conftest import fake_run
+
+    run = fake_run(tmp_path, strategy="differentiable")
+    study = create_or_load("plain", default_storage(run.cfg.run_dir, "plain"), run.cfg)
+    differentiable_search(run, study)
+    shutil.rmtree(tmp_path / "plain" / "checkpoints" / "differentiable")
+    run = fake_run(tmp_path, strategy="differentiable")
+    run.cfg = dataclasses.replace(run.cfg, search=dataclasses.replace(
+        run.cfg.search, rescore_top_k=3))
+    with pytest.raises(UserError, match=r"^--study plain: its differentiable search's "
+                                        r"checkpoint is gone"):
+        differentiable_search(run, study)
+    assert len(study.trials) == 1 and "differentiable_finalists" not in study.user_attrs

@@ -250,8 +250,12 @@ def test_rescoring_is_refused_where_it_cannot_pick_one_score():
                 space=dict(num_layers=[1, 2], hidden_size=[32, 64], intermediate_size=[64]))
     ok = config_from_dict({**base, "search": {"rescore_top_k": 3}, "budget": {"speedup": 2.0}})
     assert ok.search.rescore_top_k == 3
+    # the differentiable search's finalists: its k most likely architectures, re-scored
+    assert config_from_dict({**base, "search": {"rescore_top_k": 3, "strategy": "differentiable"},
+                             "budget": {"speedup": 2.0}}).search.rescore_top_k == 3
     for search, budget in [({"sampler": "nsga2"}, {}), ({"multi_objective": True}, {}),
-                           ({"strategy": "differentiable"}, {}), ({}, {"min_retention": 0.99})]:
+                           ({}, {"min_retention": 0.99}),
+                           ({"strategy": "differentiable"}, {"min_retention": 0.99})]:
         with pytest.raises(UserError, match="search.rescore_top_k"):
             config_from_dict({**base, "search": {"rescore_top_k": 3, **search},
                               "budget": {"speedup": 2.0, **budget}})
