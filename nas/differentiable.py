@@ -16,8 +16,10 @@ FFN size, embedding size, sharing groups; heads follow the hidden size). Each st
    multiplied by a zero gate, so the loss is unchanged and only those choices lose their
    gradient (it saves a fifth to a half of the search's time on the tweets task).
 
-The latency term is a hinge: below the budget it exerts no pull, so the distributions are not
-dragged onto the smallest choices (a reproduction of AdaBERT collapsed onto parameter-free
+The latency term is a hinge: below the budget it exerts no pull (down to ``budget.min_use`` of
+it, where one is set: below that share the mirrored hinge ``E[max(0, min_use - latency /
+budget)]`` pulls up, so the distributions settle where the derivation may pick), so the
+distributions are not dragged onto the smallest choices (a reproduction of AdaBERT collapsed onto parameter-free
 operations); its entropy per dimension is logged so that a collapse would show. It is the
 expected hinge, not the hinge of the expected latency (``latency_loss: hinge_of_expected``, the
 earlier default): under that one a mixture of an architecture over the budget and one under it
@@ -128,6 +130,12 @@ class ExpectedLatency:
         """The grid of ``max(0, prediction / limit_ms - 1)``: with ``__call__``, the expected
         hinge, which charges every architecture over the limit by its own excess."""
         return torch.relu(self.grid / limit_ms - 1.0)
+
+    def under(self, limit_ms: float, share: float) -> torch.Tensor:
+        """The grid of ``max(0, share - prediction / limit_ms)``: the expected hinge below
+        ``budget.min_use``, which charges every architecture faster than that share of the
+        budget by the share it leaves unused."""
+        return torch.relu(share - self.grid / limit_ms)
 
 
 class ArchParams(torch.nn.Module):
@@ -264,6 +272,7 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
           floor_ref: float | None = None) -> dict:
     """One weight step and, after the warm-up, one architecture step; what to log."""
     d, p, data = run.cfg.differentiable, run.cfg.proxy, run.data
+    use = run.cfg.budget.min_use  # a floor on the budget's use: the latency term charges it too
     step = s.state["step"]
     tau = d.tau_start * (d.tau_end / d.tau_start) ** (step / max(1, d.steps - 1))
     warm = step < d.warmup_steps
@@ -294,8 +303,13 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
         l_lat = e_lat * 0
     elif d.latency_loss == "expected_hinge":  # E[max(0, lat / budget - 1)]
         l_lat = s.expected(probs, s.expected.over(budget_ms / run.latency.scale))
+        if use is not None:  # + E[max(0, min_use - lat / budget)]
+            l_lat = l_lat + s.expected(probs, s.expected.under(budget_ms / run.latency.scale,
+                                                               use))
     else:  # max(0, E[lat] / budget - 1)
         l_lat = torch.relu(e_lat / budget_ms - 1.0)
+        if use is not None:
+            l_lat = l_lat + torch.relu(use - e_lat / budget_ms)
     # AdaBERT's efficiency loss also charges model size: a pull towards fewer parameters, which
     # decides what latency and KD leave tied (embedding width, sharing)
     l_size = d.size_weight * size_term(s.expected, probs, s.size, d.size_dims) \

@@ -110,6 +110,34 @@ def test_the_expected_hinge_moves_a_search_under_its_budget(diff_run):
     assert out["latency_ms"] <= out["budget_ms"]
 
 
+def test_a_floor_on_the_budgets_use_pulls_a_search_up_into_it(diff_run, monkeypatch):
+    """``budget.min_use`` above the uniform mixture's expected latency: the mirrored hinge
+    pays the unused share down, and the derived architecture lies in the band. The KD loss is
+    zero here (on tiny random data it favours the larger choices anyway), so the latency term
+    alone moves the distributions."""
+    monkeypatch.setattr(diff_mod, "kd_loss", lambda logits, *args, **kwargs: 0 * logits.sum())
+    _, probe = diff_run()
+    probe.meter.close()
+    table, space = probe.latency.table, probe.space
+    expected = ExpectedLatency(table, space)
+    uniform = ArchParams(list(space.choices().items())).probs()
+    slowest = max(table.predict_ms(a) for a in space.all_archs())
+    mix = float(expected(uniform).detach())
+    use = (mix + 0.5 * (slowest - mix)) / slowest  # halfway from the mixture to the slowest
+    cfg, run = diff_run(f"budget.speedup={probe.latency.teacher_predicted() / slowest}",
+                        f"budget.min_use={use}", "differentiable.arch_lr=0.3",
+                        "differentiable.latency_weight=50")
+    study = create_or_load("u", default_storage(cfg.run_dir, "u"), cfg)
+    out = differentiable_search(run, study)
+    history = json.loads((Path(cfg.run_dir) / "u" / "checkpoints" /
+                          "differentiable_history.json").read_text())
+    final = {n: torch.tensor([history[-1]["probs"][n][str(c)] for c in ch])
+             for n, ch in space.choices().items()}
+    before, after = (float(expected(p, expected.under(slowest, use))) for p in (uniform, final))
+    assert before > 0 and after < 0.5 * before, (before, after)
+    assert use * out["budget_ms"] <= out["latency_ms"] <= out["budget_ms"]
+
+
 def test_the_size_term_pulls_towards_fewer_parameters(diff_run):
     """``size_weight``: the expected parameter count (over the teacher's) falls, the embedding
     narrows, where the latency hinge exerts no pull (the whole space is within the budget)."""
