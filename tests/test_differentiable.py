@@ -86,14 +86,27 @@ def test_the_expected_hinge_charges_a_mixture_that_sits_at_the_budget(random_tea
     assert len(names) == len(alpha.logits)
 
 
-def test_the_expected_hinge_moves_a_search_under_its_budget(diff_run):
-    # a budget 4/5 of the way from the fastest architecture to the uniform mixture, as a speedup
-    # (a ratio of the latency table's predictions: the calibration to this run cancels)
+def _probe(diff_run):
+    """The tiny run's latency table and space, its expected latency, uniform distributions."""
     _, probe = diff_run()
     probe.meter.close()
     table, space = probe.latency.table, probe.space
-    expected = ExpectedLatency(table, space)
-    uniform = ArchParams(list(space.choices().items())).probs()
+    return probe, table, space, ExpectedLatency(table, space), \
+        ArchParams(list(space.choices().items())).probs()
+
+
+def _final_probs(cfg, study_name: str, space) -> dict:
+    """A finished search's last logged distributions, from its history file."""
+    history = json.loads((Path(cfg.run_dir) / study_name / "checkpoints" /
+                          "differentiable_history.json").read_text())
+    return {n: torch.tensor([history[-1]["probs"][n][str(c)] for c in ch])
+            for n, ch in space.choices().items()}
+
+
+def test_the_expected_hinge_moves_a_search_under_its_budget(diff_run):
+    # a budget 4/5 of the way from the fastest architecture to the uniform mixture, as a speedup
+    # (a ratio of the latency table's predictions: the calibration to this run cancels)
+    probe, table, space, expected, uniform = _probe(diff_run)
     fastest = min(table.predict_ms(a) for a in space.all_archs())
     limit = fastest + 0.8 * (float(expected(uniform).detach()) - fastest)
     cfg, run = diff_run("differentiable.latency_loss=expected_hinge",
@@ -101,10 +114,7 @@ def test_the_expected_hinge_moves_a_search_under_its_budget(diff_run):
                         "differentiable.arch_lr=0.3", "differentiable.latency_weight=50")
     study = create_or_load("d", default_storage(cfg.run_dir, "d"), cfg)
     out = differentiable_search(run, study)
-    history = json.loads((Path(cfg.run_dir) / "d" / "checkpoints" /
-                          "differentiable_history.json").read_text())
-    final = {n: torch.tensor([history[-1]["probs"][n][str(c)] for c in ch])
-             for n, ch in space.choices().items()}
+    final = _final_probs(cfg, "d", space)
     before, after = (float(expected(p, expected.over(limit))) for p in (uniform, final))
     assert before > 0 and after < 0.5 * before, (before, after)  # the excess is paid down
     assert out["latency_ms"] <= out["budget_ms"]
@@ -116,11 +126,7 @@ def test_a_floor_on_the_budgets_use_pulls_a_search_up_into_it(diff_run, monkeypa
     zero here (on tiny random data it favours the larger choices anyway), so the latency term
     alone moves the distributions."""
     monkeypatch.setattr(diff_mod, "kd_loss", lambda logits, *args, **kwargs: 0 * logits.sum())
-    _, probe = diff_run()
-    probe.meter.close()
-    table, space = probe.latency.table, probe.space
-    expected = ExpectedLatency(table, space)
-    uniform = ArchParams(list(space.choices().items())).probs()
+    probe, table, space, expected, uniform = _probe(diff_run)
     slowest = max(table.predict_ms(a) for a in space.all_archs())
     mix = float(expected(uniform).detach())
     use = (mix + 0.5 * (slowest - mix)) / slowest  # halfway from the mixture to the slowest
@@ -129,10 +135,7 @@ def test_a_floor_on_the_budgets_use_pulls_a_search_up_into_it(diff_run, monkeypa
                         "differentiable.latency_weight=50")
     study = create_or_load("u", default_storage(cfg.run_dir, "u"), cfg)
     out = differentiable_search(run, study)
-    history = json.loads((Path(cfg.run_dir) / "u" / "checkpoints" /
-                          "differentiable_history.json").read_text())
-    final = {n: torch.tensor([history[-1]["probs"][n][str(c)] for c in ch])
-             for n, ch in space.choices().items()}
+    final = _final_probs(cfg, "u", space)
     before, after = (float(expected(p, expected.under(slowest, use))) for p in (uniform, final))
     assert before > 0 and after < 0.5 * before, (before, after)
     assert use * out["budget_ms"] <= out["latency_ms"] <= out["budget_ms"]
