@@ -16,11 +16,10 @@ FFN size, embedding size, sharing groups; heads follow the hidden size). Each st
    multiplied by a zero gate, so the loss is unchanged and only those choices lose their
    gradient (it saves a fifth to a half of the search's time on the tweets task).
 
-The latency term is a hinge: below the budget it exerts no pull (down to ``budget.min_use`` of
-it, where one is set: below that share the mirrored hinge ``E[max(0, min_use - latency /
-budget)]`` pulls up, so the distributions settle where the derivation may pick), so the
-distributions are not dragged onto the smallest choices (a reproduction of AdaBERT collapsed onto parameter-free
-operations); its entropy per dimension is logged so that a collapse would show. It is the
+The latency term is a hinge: below the budget it exerts no pull, so the distributions are not
+dragged onto the smallest choices (a reproduction of AdaBERT collapsed onto parameter-free
+operations); with ``budget.min_use`` the mirrored hinge ``E[max(0, min_use - latency /
+budget)]`` pulls up below that share, so they settle where the derivation may pick; its entropy per dimension is logged so that a collapse would show. It is the
 expected hinge, not the hinge of the expected latency (``latency_loss: hinge_of_expected``, the
 earlier default): under that one a mixture of an architecture over the budget and one under it
 sits at the budget unpenalised, and on the tweets task the layer count stayed such a mixture
@@ -373,7 +372,7 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
             if (r := TrialRecord.read(t)).strategy == "differentiable" and r.counts]
     if done and run.cfg.search.rescore_top_k:  # the finalists: record the rest, re-score
         try:
-            return _finalists(run, study, None, Budget.resolve(run, study), None)
+            return _finalists(run, study, None, Budget.resolve(run, study))
         finally:
             run.meter.close()
     if done:
@@ -397,14 +396,13 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
     timed_out = _train(run, search, budget.budget_ms, timeout, study.study_name, floor_ref)
     try:
         if run.cfg.search.rescore_top_k:
-            return _finalists(run, study, search, budget, timed_out)
+            return _finalists(run, study, search, budget)
         return _record(run, study, search, budget, timed_out)
     finally:
         run.meter.close()
 
 
-def _finalists(run: Run, study: optuna.Study, s: _Search | None, budget: Budget,
-               timed_out: bool | None) -> dict:
+def _finalists(run: Run, study: optuna.Study, s: _Search | None, budget: Budget) -> dict:
     """``search.rescore_top_k: k``: the ``k`` most likely architectures within the budget
     (``budget.min_use`` included), each recorded as a trial scored as its supernet slice,
     then re-scored as an Optuna search's top k are (``search.rescore_recipe``, e.g. trained in
@@ -424,19 +422,19 @@ def _finalists(run: Run, study: optuna.Study, s: _Search | None, budget: Budget,
             raise UserError(f"--study {study.study_name}: its differentiable search's "
                             "checkpoint is gone, so its most likely architectures cannot be "
                             "recorded; search again under a new --study")
-        timed_out = s.state["step"] < run.cfg.differentiable.steps
     if names is None:
         names = [a.name for a in likely(run, s.net, s.alpha, budget, k)]
         study.set_user_attr("differentiable_finalists", names)
     if missing := [n for n in names if n not in recorded]:
+        timed_out = s.state["step"] < run.cfg.differentiable.steps  # as _train stopped it
         for name in missing:
             recorded[name] = _record_one(
                 run, study, s, ArchConfig.from_name(name),
                 f"{names.index(name) + 1}. most likely within the budget", budget,
-                bool(timed_out))["trial"]
-        (s.folder.parent / "differentiable_history.json").write_text(
-            json.dumps(s.state["history"], indent=1))
-    finalists = [study.trials[recorded[n]] for n in names]
+                timed_out)["trial"]
+        _write_history(s)
+    trials = study.get_trials(deepcopy=False)
+    finalists = [trials[recorded[n]] for n in names]
     longer = rescore(run, study, k, run.cfg.search.rescore_steps, among=finalists)
     best = best_trial(study)
     if best is None:
@@ -445,12 +443,17 @@ def _finalists(run: Run, study: optuna.Study, s: _Search | None, budget: Budget,
     r = TrialRecord.read(best)
     how = (f"{r.extra.get('derived', '?')}; chosen among the {len(names)} most likely by "
            f"search.rescore_objective: {run.cfg.search.rescore_objective}")
-    seconds = (s.state["seconds"] if s is not None
-               else max(TrialRecord.read(t).train_seconds or 0.0 for t in finalists))
+    seconds = max(TrialRecord.read(t).train_seconds or 0.0 for t in finalists)
     return {"trained": len(names), "target": len(names), "exhausted": False,
             "budget_ms": budget.budget_ms, "trial": best.number, "arch": r.arch_name,
             "derived": how, "score": r.score, "latency_ms": r.latency_ms,
             "seconds": seconds, "rescored": longer}
+
+
+def _write_history(s: _Search) -> None:
+    """The logged steps (entropy, probabilities) beside the search's checkpoints."""
+    (s.folder.parent / "differentiable_history.json").write_text(
+        json.dumps(s.state["history"], indent=1))
 
 
 def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out: bool) -> dict:
@@ -465,8 +468,7 @@ def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out
                   for i, a in enumerate(likely(run, s.net, s.alpha, budget,
                                                run.cfg.differentiable.floor_candidates))]
     done = [_record_one(run, study, s, arch, how, budget, timed_out) for arch, how in ladder]
-    (s.folder.parent / "differentiable_history.json").write_text(
-        json.dumps(s.state["history"], indent=1))
+    _write_history(s)
     if budget.floor is None:
         chosen = done[0]
     else:  # the study's own pick: the fastest feasible trial that keeps the floor
