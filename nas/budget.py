@@ -5,9 +5,10 @@
 - ``latency_ms`` is fixed; ``speedup`` is over the teacher measured in this process, by the
   same latency worker as the candidates (so both see the same machine state); with both, the
   tighter holds. ``max_params`` is a parameter count.
-- The teacher is measured again after every trained candidate (``tighten``): a slow spell of
-  this shared machine during one teacher measurement would loosen a ``speedup`` budget, the
-  unsafe direction, so the lowest figure seen only ever tightens it.
+- The teacher is measured again after every trained candidate (``tighten``; the
+  differentiable search: at every checkpoint of its architecture phase): a slow spell of this
+  shared machine during one teacher measurement would loosen a ``speedup`` budget, the unsafe
+  direction, so the lowest figure seen only ever tightens it.
 - With the latency table (``budget.latency: predict``), predictions are calibrated by the
   teacher measured now over the teacher predicted (``PredictedLatency.calibrate``): with a
   ``speedup`` budget the check becomes table-internal (candidate predicted against teacher

@@ -297,7 +297,7 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
                    temperature=p.temperature, alpha_ce=p.alpha_ce)
     e_lat = s.expected(probs) * run.latency.scale
     if floor_ref is not None:  # an accuracy floor: every millisecond saved counts
-        l_lat = e_lat / floor_ref
+        l_lat = s.expected(probs) / floor_ref  # over the teacher, both by the table
     elif not budget_ms:
         l_lat = e_lat * 0
     elif d.latency_loss == "expected_hinge":  # E[max(0, lat / budget - 1)]
@@ -319,9 +319,14 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
     return {**out, "kd_dev": l_kd.detach().item(), "expected_ms": e_lat.detach().item()}
 
 
-def _train(run: Run, s: _Search, budget_ms: float | None, timeout: float | None,
+def _train(run: Run, s: _Search, budget: Budget, timeout: float | None,
            name: str, floor_ref: float | None = None) -> bool:
-    """Steps until ``differentiable.steps`` or ``timeout``; True if it timed out."""
+    """Steps until ``differentiable.steps`` or ``timeout``; True if it timed out. At every
+    checkpoint of the architecture phase the teacher is measured again (``Budget.tighten``),
+    as an Optuna search does after every trained candidate: the loss is unchanged (a
+    ``speedup`` budget over the calibrated table is the table's teacher over the speedup,
+    whatever was measured), but the checks that choose the result measure against the
+    lowest teacher reading, not the one taken when the search began."""
     d, data, state = run.cfg.differentiable, run.data, s.state
     train = shuffled_batches(len(data.train), d.batch_size, run.cfg.seed, data.train.lengths,
                              start=state["step"])
@@ -341,7 +346,7 @@ def _train(run: Run, s: _Search, budget_ms: float | None, timeout: float | None,
             state["seconds"] = time.perf_counter() - start
             s.save()
             break
-        logged = _step(run, s, budget_ms, train, dev, floor_ref)
+        logged = _step(run, s, budget.budget_ms, train, dev, floor_ref)
         state["step"] += 1
         bar.update(1)
         if state["step"] % d.log_every == 0 or state["step"] == d.steps:
@@ -357,6 +362,8 @@ def _train(run: Run, s: _Search, budget_ms: float | None, timeout: float | None,
             bar.set_postfix(kd=f"{logged['kd_train']:.3f}", ms=f"{e_ms:.2f}",
                             H=f"{sum(ent.values()):.2f}")
         if state["step"] % d.checkpoint_every == 0 or state["step"] == d.steps:
+            if state["step"] > d.warmup_steps:
+                budget.tighten()
             state["seconds"] = time.perf_counter() - start
             s.save()
     bar.close()
@@ -392,8 +399,9 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
     budget = Budget.resolve(run, study)
     search = _start(run, study)
     # under an accuracy floor the latency term pulls down throughout, relative to the teacher
-    floor_ref = study.user_attrs["teacher_ms"] if budget.floor is not None else None
-    timed_out = _train(run, search, budget.budget_ms, timeout, study.study_name, floor_ref)
+    # (the table's teacher: the term stays the same when a teacher reading tightens the budget)
+    floor_ref = run.latency.teacher_predicted() if budget.floor is not None else None
+    timed_out = _train(run, search, budget, timeout, study.study_name, floor_ref)
     try:
         if run.cfg.search.rescore_top_k:
             return _finalists(run, study, search, budget)

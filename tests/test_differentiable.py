@@ -280,6 +280,22 @@ def test_a_killed_search_resumes_at_its_checkpoint_step(diff_run, project, monke
         assert x["probs"] == y["probs"]
 
 
+def test_a_slow_first_teacher_reading_is_tightened_during_the_search(diff_run):
+    """The machine was busy when the search measured the teacher (30% slow): the readings at
+    the architecture phase's checkpoints tighten the budget, and the derived architecture is
+    checked and recorded against the tightest, as an Optuna search's trials are."""
+    cfg, run = diff_run()
+    true_ms = run.meter.teacher_ms()
+    readings = iter([1.3 * true_ms] + [true_ms] * 100)
+    run.meter.teacher_ms = lambda: next(readings)
+    study = create_or_load("t", default_storage(cfg.run_dir, "t"), cfg)
+    out = differentiable_search(run, study)
+    assert study.user_attrs["teacher_ms"] == pytest.approx(true_ms)
+    assert out["budget_ms"] == pytest.approx(true_ms)  # budget.speedup: 1.0
+    (trial,) = study.trials
+    assert trial.user_attrs["budget_ms"] == pytest.approx(true_ms)
+
+
 def test_cli_search_status_export_of_a_differentiable_study(project):
     common = ["--set", "search.strategy=differentiable", "--set", "differentiable.steps=24",
               "--set", "differentiable.warmup_steps=8", "--set", "differentiable.batch_size=16"]
