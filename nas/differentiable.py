@@ -495,13 +495,28 @@ def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out
             "seconds": s.state["seconds"]}
 
 
+def log_prob(net: Supernet, alpha: ArchParams) -> Callable[[ArchConfig], float]:
+    """``arch -> `` its log joint probability under the distributions ``alpha``."""
+    probs = {n: p.detach().log_softmax(-1) for n, p in alpha.logits.items()}
+    index_of = {n: {c: i for i, c in enumerate(ch)} for n, ch in net.dims()}
+    return lambda a: sum(float(probs[n][index_of[n][c]]) for n, c in _params_of(net, a).items())
+
+
+def checkpointed(run: Run, study: optuna.Study) -> tuple[Supernet, ArchParams]:
+    """A study's search as its last checkpoint left it: the supernet and the distributions
+    (for a look at what it learned, e.g. how its slices rank architectures)."""
+    s = _start(run, study)
+    if s.state["step"] == 0:
+        raise UserError(f"--study {study.study_name}: no checkpoint of its differentiable "
+                        "search")
+    return s.net, s.alpha
+
+
 def likely(run: Run, net: Supernet, alpha: ArchParams, budget: Budget, k: int) -> list[ArchConfig]:
     """The ``k`` most likely architectures of the space (joint probability) within every
     latency/params budget, most likely first; checked in that order, so no more than needed."""
-    probs = {n: p.detach().log_softmax(-1) for n, p in alpha.logits.items()}
-    index_of = {n: {c: i for i, c in enumerate(ch)} for n, ch in net.dims()}
-    ranked = sorted(run.space.all_archs(), key=lambda a: -sum(
-        float(probs[n][index_of[n][c]]) for n, c in _params_of(net, a).items()))
+    logp = log_prob(net, alpha)
+    ranked = sorted(run.space.all_archs(), key=lambda a: -logp(a))
     out = list(itertools.islice((a for a in ranked if budget.check(a).fits), k))
     if not out:
         within = (f"{budget.budget_ms:.2f} ms" if budget.budget_ms is not None

@@ -18,6 +18,7 @@ from tacnas.nas.config import load_config
 from tacnas.nas.differentiable import (
     ArchParams,
     ExpectedLatency,
+    checkpointed,
     derive,
     differentiable_search,
     size_term,
@@ -461,7 +462,11 @@ def test_differentiable_finalists_without_the_search_checkpoint_are_a_user_error
     run = fake_run(tmp_path, strategy="differentiable")
     study = create_or_load("plain", default_storage(run.cfg.run_dir, "plain"), run.cfg)
     differentiable_search(run, study)
+    _, alpha = checkpointed(run, study)  # what the search learned, as the trial recorded it
+    assert alpha.readable() == study.trials[0].user_attrs["final_probs"]
     shutil.rmtree(tmp_path / "plain" / "checkpoints" / "differentiable")
+    with pytest.raises(UserError, match=r"^--study plain: no checkpoint"):
+        checkpointed(run, study)
     run = fake_run(tmp_path, strategy="differentiable")
     run.cfg = dataclasses.replace(run.cfg, search=dataclasses.replace(
         run.cfg.search, rescore_top_k=3))
