@@ -425,11 +425,9 @@ def _finalists(run: Run, study: optuna.Study, s: _Search | None, budget: Budget)
     recorded = {r.arch_name: t.number for t in study.get_trials(deepcopy=False)
                 if (r := TrialRecord.read(t)).strategy == "differentiable" and r.counts}
     if s is None and (names is None or set(names) - set(recorded)):
-        s = _start(run, study)  # the finished search's checkpoint, not trained further
-        if s.state["step"] == 0:
-            raise UserError(f"--study {study.study_name}: its differentiable search's "
-                            "checkpoint is gone, so its most likely architectures cannot be "
-                            "recorded; search again under a new --study")
+        # the finished search's checkpoint, not trained further
+        s = _saved(run, study, "so its most likely architectures cannot be recorded; search "
+                   "again under a new --study")
     if names is None:
         names = [a.name for a in likely(run, s.net, s.alpha, budget, k)]
         study.set_user_attr("differentiable_finalists", names)
@@ -502,13 +500,20 @@ def log_prob(net: Supernet, alpha: ArchParams) -> Callable[[ArchConfig], float]:
     return lambda a: sum(float(probs[n][index_of[n][c]]) for n, c in _params_of(net, a).items())
 
 
+def _saved(run: Run, study: optuna.Study, then: str) -> _Search:
+    """The study's search from its last checkpoint; a user error (``then``: what that stops)
+    where there is none."""
+    s = _start(run, study)
+    if s.state["step"] == 0:
+        raise UserError(f"--study {study.study_name}: its differentiable search's checkpoint "
+                        f"is gone, {then}")
+    return s
+
+
 def checkpointed(run: Run, study: optuna.Study) -> tuple[Supernet, ArchParams]:
     """A study's search as its last checkpoint left it: the supernet and the distributions
     (for a look at what it learned, e.g. how its slices rank architectures)."""
-    s = _start(run, study)
-    if s.state["step"] == 0:
-        raise UserError(f"--study {study.study_name}: no checkpoint of its differentiable "
-                        "search")
+    s = _saved(run, study, "so there is no supernet to look at")
     return s.net, s.alpha
 
 

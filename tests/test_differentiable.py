@@ -465,7 +465,8 @@ def test_differentiable_finalists_without_the_search_checkpoint_are_a_user_error
     _, alpha = checkpointed(run, study)  # what the search learned, as the trial recorded it
     assert alpha.readable() == study.trials[0].user_attrs["final_probs"]
     shutil.rmtree(tmp_path / "plain" / "checkpoints" / "differentiable")
-    with pytest.raises(UserError, match=r"^--study plain: no checkpoint"):
+    with pytest.raises(UserError, match=r"^--study plain: its differentiable search's "
+                                        r"checkpoint is gone, so there is no supernet"):
         checkpointed(run, study)
     run = fake_run(tmp_path, strategy="differentiable")
     run.cfg = dataclasses.replace(run.cfg, search=dataclasses.replace(
