@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import torch
-from real_task import shipped_search  # benchmarks/ is the script's folder
+from finalist_search import DIFFERENTIABLE, base_overrides, study_overrides  # benchmarks/
 from scipy.stats import kendalltau
-from search_vs_hand import FULL_DATA
 
 from tacnas.nas.config import load_config
 from tacnas.nas.differentiable import checkpointed, log_prob
@@ -47,12 +47,10 @@ def main() -> int:
                     help="finalist_search.py's --work, holding its 4x@1 differentiable study")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_dir = Path(args.work).absolute() / "runs" / "4x@1"
-    cfg = load_config(args.config, [*FULL_DATA, f"run_dir={run_dir}", "budget.speedup=4.0",
-                                    "budget.batch_size=1", *shipped_search(args.config),
-                                    "search.strategy=differentiable"])
+    cfg = load_config(args.config, [*base_overrides(Path(args.work).absolute(), "4x@1"),
+                                    *study_overrides(args.config)[DIFFERENTIABLE]])
     run = prepare(cfg, progress=True)
-    study = create_or_load("differentiable", default_storage(cfg.run_dir, "differentiable"), cfg)
+    study = create_or_load(DIFFERENTIABLE, default_storage(cfg.run_dir, DIFFERENTIABLE), cfg)
     net, alpha = checkpointed(run, study)
     net.eval()
     logp = log_prob(net, alpha)
@@ -62,7 +60,7 @@ def main() -> int:
                  if r["budget"] == "4x@1" and r["student"] == "shipped"]
     rows = [{"arch": a["arch"], "final_test_mean": a["final_test_mean"], "in_fidelity_band": True}
             for a in band]
-    rows.append({"arch": OPTUNA_PICK, "final_test_mean": sum(pick_test) / len(pick_test),
+    rows.append({"arch": OPTUNA_PICK, "final_test_mean": statistics.mean(pick_test),
                  "in_fidelity_band": False})
     for r in rows:
         arch = ArchConfig.from_name(r["arch"])

@@ -95,9 +95,28 @@ def finished_elsewhere(folders: list[str], key: str) -> dict | None:
     return None
 
 
+def base_overrides(work: Path, budget: str) -> list[str]:
+    """The overrides every study at ``budget`` shares: the full-data teacher and recipe, the
+    run folder under ``work`` (absolute: it is part of a study's stored config), the budget."""
+    from search_vs_hand import FULL_DATA, parse_budget
+
+    speedup, batch = parse_budget(budget)
+    return [*FULL_DATA, f"run_dir={work / 'runs' / budget}", f"budget.speedup={speedup}",
+            f"budget.batch_size={batch}"]
+
+
+def study_overrides(config: str) -> dict[str, list[str]]:
+    """Each study's own overrides on top of ``base_overrides``."""
+    from real_task import shipped_search
+
+    shipped = shipped_search(config)
+    return {**STUDIES, SHIPPED: shipped,
+            DIFFERENTIABLE: [*shipped, "search.strategy=differentiable"]}
+
+
 def main() -> int:
-    from real_task import distill_seed, latency_pass, resumable, shipped_search
-    from search_vs_hand import FULL_DATA, _sd, parse_budget
+    from real_task import distill_seed, latency_pass, resumable
+    from search_vs_hand import _sd, parse_budget
 
     from tacnas.evaluators.latency_table import cpu_name, teacher_arch
     from tacnas.nas.config import load_config
@@ -126,18 +145,15 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work, results, save = resumable(args.work)
-    speedup, batch = parse_budget(args.budget)
+    speedup, _ = parse_budget(args.budget)
     mine = results.setdefault(args.budget, {})
-    over = [*FULL_DATA, f"run_dir={work / 'runs' / args.budget}", f"budget.speedup={speedup}",
-            f"budget.batch_size={batch}"]
+    over = base_overrides(work, args.budget)
     run = prepare(load_config(args.config, over), progress=True)
     if run.cfg.seed != args.seeds[0]:
         raise SystemExit(f"--seeds: the first must be the config's seed {run.cfg.seed}")
     searches = mine.setdefault("searches", {})
     units = mine.setdefault("units", {})
-    shipped = shipped_search(args.config)
-    for name, extra in {**STUDIES, SHIPPED: shipped,
-                        DIFFERENTIABLE: [*shipped, "search.strategy=differentiable"]}.items():
+    for name, extra in study_overrides(args.config).items():
         if name not in args.studies and name not in searches:
             continue
         s = searches.get(name)

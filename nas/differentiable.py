@@ -19,11 +19,12 @@ FFN size, embedding size, sharing groups; heads follow the hidden size). Each st
 The latency term is a hinge: below the budget it exerts no pull, so the distributions are not
 dragged onto the smallest choices (a reproduction of AdaBERT collapsed onto parameter-free
 operations); with ``budget.min_use`` the mirrored hinge ``E[max(0, min_use - latency /
-budget)]`` pulls up below that share, so they settle where the derivation may pick; its entropy per dimension is logged so that a collapse would show. It is the
-expected hinge, not the hinge of the expected latency (``latency_loss: hinge_of_expected``, the
-earlier default): under that one a mixture of an architecture over the budget and one under it
-sits at the budget unpenalised, and on the tweets task the layer count stayed such a mixture
-(1 and 2 layers at 0.67/0.31 at 8x). The Gumbel temperature anneals exponentially from
+budget)]`` pulls up below that share, so they settle where the derivation may pick; its
+entropy per dimension is logged so that a collapse would show. It is the expected hinge, not
+the hinge of the expected latency (``latency_loss: hinge_of_expected``, the earlier default):
+under that one a mixture of an architecture over the budget and one under it sits at the
+budget unpenalised, and on the tweets task the layer count stayed such a mixture (1 and 2
+layers at 0.67/0.31 at 8x). The Gumbel temperature anneals exponentially from
 ``tau_start`` to ``tau_end``.
 
 Under an accuracy floor (``budget.min_retention``) the latency term is linear instead,
@@ -295,16 +296,17 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
                                  skip_below=d.skip_below)
     l_kd = kd_loss(logits, run.proxy.dev_logits[didx], data.dev.labels[didx],
                    temperature=p.temperature, alpha_ce=p.alpha_ce)
-    e_lat = s.expected(probs) * run.latency.scale
+    table_ms = s.expected(probs)  # the table's expected latency (uncalibrated)
+    e_lat = table_ms * run.latency.scale
     if floor_ref is not None:  # an accuracy floor: every millisecond saved counts
-        l_lat = s.expected(probs) / floor_ref  # over the teacher, both by the table
+        l_lat = table_ms / floor_ref  # over the teacher, both by the table
     elif not budget_ms:
         l_lat = e_lat * 0
     elif d.latency_loss == "expected_hinge":  # E[max(0, lat / budget - 1)]
-        l_lat = s.expected(probs, s.expected.over(budget_ms / run.latency.scale))
+        table_budget = budget_ms / run.latency.scale
+        l_lat = s.expected(probs, s.expected.over(table_budget))
         if use is not None:  # + E[max(0, min_use - lat / budget)]
-            l_lat = l_lat + s.expected(probs, s.expected.under(budget_ms / run.latency.scale,
-                                                               use))
+            l_lat = l_lat + s.expected(probs, s.expected.under(table_budget, use))
     else:  # max(0, E[lat] / budget - 1)
         l_lat = torch.relu(e_lat / budget_ms - 1.0)
         if use is not None:
@@ -320,8 +322,9 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
 
 
 def _train(run: Run, s: _Search, budget: Budget, timeout: float | None,
-           name: str, floor_ref: float | None = None) -> bool:
-    """Steps until ``differentiable.steps`` or ``timeout``; True if it timed out. At every
+           name: str, floor_ref: float | None = None) -> None:
+    """Steps until ``differentiable.steps`` or ``timeout`` (a search stopped short is recorded
+    as timed out: its checkpoint's step is below ``differentiable.steps``). At every
     checkpoint of the architecture phase the teacher is measured again (``Budget.tighten``),
     as an Optuna search does after every trained candidate: the loss is unchanged (a
     ``speedup`` budget over the calibrated table is the table's teacher over the speedup,
@@ -337,10 +340,8 @@ def _train(run: Run, s: _Search, budget: Budget, timeout: float | None,
     start = time.perf_counter() - state["seconds"]
     began = time.perf_counter()
     s.net.train()
-    timed_out = False
     while state["step"] < d.steps:
         if timeout is not None and time.perf_counter() - began > timeout:
-            timed_out = True
             log.warning("timeout: the differentiable search stops at step %d of %d",
                         state["step"], d.steps)
             state["seconds"] = time.perf_counter() - start
@@ -367,7 +368,6 @@ def _train(run: Run, s: _Search, budget: Budget, timeout: float | None,
             state["seconds"] = time.perf_counter() - start
             s.save()
     bar.close()
-    return timed_out
 
 
 def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | None = None) -> dict:
@@ -401,11 +401,11 @@ def differentiable_search(run: Run, study: optuna.Study, *, timeout: float | Non
     # under an accuracy floor the latency term pulls down throughout, relative to the teacher
     # (the table's teacher: the term stays the same when a teacher reading tightens the budget)
     floor_ref = run.latency.teacher_predicted() if budget.floor is not None else None
-    timed_out = _train(run, search, budget, timeout, study.study_name, floor_ref)
+    _train(run, search, budget, timeout, study.study_name, floor_ref)
     try:
         if run.cfg.search.rescore_top_k:
             return _finalists(run, study, search, budget)
-        return _record(run, study, search, budget, timed_out)
+        return _record(run, study, search, budget)
     finally:
         run.meter.close()
 
@@ -432,12 +432,10 @@ def _finalists(run: Run, study: optuna.Study, s: _Search | None, budget: Budget)
         names = [a.name for a in likely(run, s.net, s.alpha, budget, k)]
         study.set_user_attr("differentiable_finalists", names)
     if missing := [n for n in names if n not in recorded]:
-        timed_out = s.state["step"] < run.cfg.differentiable.steps  # as _train stopped it
         for name in missing:
             recorded[name] = _record_one(
                 run, study, s, ArchConfig.from_name(name),
-                f"{names.index(name) + 1}. most likely within the budget", budget,
-                timed_out)["trial"]
+                f"{names.index(name) + 1}. most likely within the budget", budget)["trial"]
         _write_history(s)
     trials = study.get_trials(deepcopy=False)
     finalists = [trials[recorded[n]] for n in names]
@@ -462,7 +460,7 @@ def _write_history(s: _Search) -> None:
         json.dumps(s.state["history"], indent=1))
 
 
-def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out: bool) -> dict:
+def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget) -> dict:
     """Derive the architecture, score its extracted slice, write it into the study as a trial.
     Under an accuracy floor, the ``floor_candidates`` most likely architectures within the
     budget are each scored and recorded, and the fastest that keeps the floor is the result."""
@@ -473,7 +471,7 @@ def _record(run: Run, study: optuna.Study, s: _Search, budget: Budget, timed_out
         ladder = [(a, f"{i + 1}. most likely within the budget")
                   for i, a in enumerate(likely(run, s.net, s.alpha, budget,
                                                run.cfg.differentiable.floor_candidates))]
-    done = [_record_one(run, study, s, arch, how, budget, timed_out) for arch, how in ladder]
+    done = [_record_one(run, study, s, arch, how, budget) for arch, how in ladder]
     _write_history(s)
     if budget.floor is None:
         chosen = done[0]
@@ -532,7 +530,7 @@ def likely(run: Run, net: Supernet, alpha: ArchParams, budget: Budget, k: int) -
 
 
 def _record_one(run: Run, study: optuna.Study, s: _Search, arch: ArchConfig, how: str,
-                budget: Budget, timed_out: bool) -> dict:
+                budget: Budget) -> dict:
     v = budget.check(arch)  # measured if within the guard band
     model = s.net.extract(arch)
     metrics, fp32 = run.proxy.final_scores(model)  # in the budget's runtime
@@ -551,7 +549,7 @@ def _record_one(run: Run, study: optuna.Study, s: _Search, arch: ArchConfig, how
         fp32_score=None if fp32 is None else fp32[key],
         extra={"derived": how, "final_probs": s.alpha.readable(),
                "final_entropy": s.alpha.entropy(), "steps": s.state["step"],
-               "timed_out": timed_out},
+               "timed_out": s.state["step"] < run.cfg.differentiable.steps},
     ).write(trial)
     trial.set_constraint("budget", v.violation)
     if budget.floor is not None:
