@@ -26,7 +26,12 @@ import statistics
 from pathlib import Path
 
 import torch
-from finalist_search import DIFFERENTIABLE, base_overrides, study_overrides  # benchmarks/
+from finalist_search import (  # benchmarks/
+    DIFFERENTIABLE,
+    GUMBEL_STUDY,
+    base_overrides,
+    study_overrides,
+)
 from scipy.stats import kendalltau
 
 from tacnas.nas.config import load_config
@@ -48,8 +53,9 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, [*base_overrides(Path(args.work).absolute(), "4x@1"),
-                                    *study_overrides(args.config)[DIFFERENTIABLE]])
+                                    *study_overrides(args.config)[GUMBEL_STUDY]])
     run = prepare(cfg, progress=True)
+    # the Gumbel study ran under the name "differentiable", before the defaults changed
     study = create_or_load(DIFFERENTIABLE, default_storage(cfg.run_dir, DIFFERENTIABLE), cfg)
     net, alpha = checkpointed(run, study)
     net.eval()

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from real_task import resumable  # benchmarks/ is the script's folder
-from search_vs_hand import FULL_DATA, entropy_over_uniform, parse_budget
+from search_vs_hand import DIFF, FULL_DATA, entropy_over_uniform, parse_budget
 
 from tacnas.evaluators.latency_table import cpu_name
 from tacnas.nas.config import load_config
@@ -88,7 +88,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work, results, save = resumable(args.work)
-    over = [*FULL_DATA, f"run_dir={work / 'runs'}", "search.strategy=differentiable",
+    over = [*FULL_DATA, f"run_dir={work / 'runs'}", *DIFF,
             f"differentiable.steps={args.diff_steps}"]
     runs = {}
     units = [(b, name, seed) for b in args.budgets for name in args.searches

@@ -14,9 +14,13 @@ the same final recipe (search_vs_hand's kd2), as two Optuna studies per budget:
   config's proxy is now the mean dev agreement of 5 runs where the two above ran one, scored
   by dev accuracy);
 - ``differentiable``: the same with ``search.strategy: differentiable`` at its defaults: the
-  Gumbel-softmax search over its own supernet, then its 8 most likely architectures within
-  the budget (``budget.min_use`` included) in place of TPE's proxy-ranked 8, trained in full
-  and chosen by dev agreement alike.
+  search over its own supernet (the score-function estimator, weights trained on uniformly
+  drawn slices), then its 8 most likely architectures within the budget (``budget.min_use``
+  included) in place of TPE's proxy-ranked 8, trained in full and chosen by dev agreement
+  alike;
+- ``differentiable-gumbel``: the same at its earlier defaults (AdaBERT's straight-through
+  Gumbel-softmax, weights trained on slices drawn from the distributions). Its studies ran
+  under the name ``differentiable``, before the defaults changed.
 
 Each study's pick is its seed-0 finalist (trained by the search, on this CPU) and is finished
 with seeds 1 and 2 too. Beside them: search_vs_hand.json's students at the same budget (3 seeds,
@@ -58,6 +62,7 @@ STUDIES = {"finalists-use85": [*FINALIST_SEARCH, "budget.min_use=0.85"],
 # finalists and its proxy, which since the two above ran scores the mean agreement of 5 runs)
 SHIPPED = "shipped"
 DIFFERENTIABLE = "differentiable"  # the shipped config with search.strategy: differentiable
+GUMBEL_STUDY = "differentiable-gumbel"  # the same at the earlier estimator and weight steps
 
 
 def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
@@ -108,10 +113,12 @@ def base_overrides(work: Path, budget: str) -> list[str]:
 def study_overrides(config: str) -> dict[str, list[str]]:
     """Each study's own overrides on top of ``base_overrides``."""
     from real_task import shipped_search
+    from search_vs_hand import DIFF
 
     shipped = shipped_search(config)
     return {**STUDIES, SHIPPED: shipped,
-            DIFFERENTIABLE: [*shipped, "search.strategy=differentiable"]}
+            DIFFERENTIABLE: [*shipped, "search.strategy=differentiable"],
+            GUMBEL_STUDY: [*shipped, *DIFF]}
 
 
 def main() -> int:
@@ -131,7 +138,8 @@ def main() -> int:
                     help="the first is the search's own (its finalist)")
     ap.add_argument("--work", default="runs/bench_finalist_search")
     ap.add_argument("--sweeps", type=int, default=5)
-    ap.add_argument("--studies", nargs="+", choices=[*STUDIES, SHIPPED, DIFFERENTIABLE],
+    ap.add_argument("--studies", nargs="+",
+                    choices=[*STUDIES, SHIPPED, DIFFERENTIABLE, GUMBEL_STUDY],
                     default=[*STUDIES, SHIPPED, DIFFERENTIABLE],
                     help="run these (the others' finished results are still reported)")
     ap.add_argument("--reuse", nargs="*", default=[
@@ -265,13 +273,14 @@ def main() -> int:
                       "test mean ± std", "% of teacher", "latency from", "trained on"], rows))
     for name, s in searches.items():
         pick = ArchConfig.from_dict(s["arch"]).name
-        how = (f"the Gumbel-softmax search ({s.get('search_seconds', 0):.0f} s), then its "
-               f"{len(s['proxy_order'])} most likely architectures" if name == DIFFERENTIABLE
+        how = (f"the differentiable search ({s.get('search_seconds', 0):.0f} s), then its "
+               f"{len(s['proxy_order'])} most likely architectures"
+               if name.startswith(DIFFERENTIABLE)
                else f"{s['trained']} trained candidates, then its {len(s['proxy_order'])} best "
                "by the proxy")
         print(f"{name}: {s['seconds']:.0f} s on 2 cores ({how} trained in full, seed "
               f"{args.seeds[0]}; budget {s['budget_ms']:.2f} ms); chosen by dev agreement: {pick}")
-        rank_by = "likely" if name == DIFFERENTIABLE else "proxy"
+        rank_by = "likely" if name.startswith(DIFFERENTIABLE) else "proxy"
         for rank, arch_name in enumerate(s["proxy_order"], 1):
             u = s["finalists"][arch_name]
             use = run.latency.ms(ArchConfig.from_name(arch_name)) / (t_pred / speedup)

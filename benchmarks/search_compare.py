@@ -30,6 +30,7 @@ from real_task import (  # noqa: E402  (benchmarks/ is the script's folder)
     latency_pass,
     resumable,
 )
+from search_vs_hand import GUMBEL  # noqa: E402  (the estimator it ran with)
 
 from tacnas.nas.config import load_config  # noqa: E402
 from tacnas.nas.differentiable import differentiable_search  # noqa: E402
@@ -45,7 +46,7 @@ from tacnas.nas.study import (  # noqa: E402
 )
 
 METHODS = {
-    "differentiable": ["search.strategy=differentiable", "differentiable.steps=400",
+    "differentiable": [*GUMBEL, "search.strategy=differentiable", "differentiable.steps=400",
                        "differentiable.warmup_steps=150"],
     "tpe / distill proxy": ["search.sampler=tpe", "proxy.kind=distill", "proxy.steps=200"],
     "tpe / supernet proxy": ["search.sampler=tpe", "proxy.kind=supernet", "proxy.steps=20",

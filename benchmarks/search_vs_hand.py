@@ -89,6 +89,10 @@ from tacnas.searchspace.build import group_layers, select_layers
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_DATA = ["task.max_train_samples=null", "distill.epochs=2", "distill.eval_every=200",
              *MEASURED_SEARCH]
+# the differentiable search's estimator and weight steps as these arms ran (the defaults until
+# benchmarks/differentiable_estimators.py measured the score function against them)
+GUMBEL = ["differentiable.estimator=gumbel", "differentiable.weights=sampled"]
+DIFF = [*GUMBEL, "search.strategy=differentiable"]
 SEARCHES = {
     "tpe": [],  # the config's default sampler and proxy
     # the same with the supernet trained 3000 steps instead of the demo's 800 (proxy_fidelity:
@@ -96,24 +100,25 @@ SEARCHES = {
     "tpe-sn3000": ["proxy.supernet_steps=3000"],
     # the same TPE trials, then multi-fidelity: its 4 best re-scored by 800 distillation steps
     "tpe-rescored": ["search.rescore_top_k=4", "search.rescore_steps=800"],
-    # the differentiable search at its defaults (arch_lr 0.1, the expected hinge, architecture
-    # steps that skip the layers only unlikely layer counts run)
-    "differentiable": ["search.strategy=differentiable"],
+    # the differentiable search at its defaults then (arch_lr 0.1, the expected hinge,
+    # architecture steps that skip the layers only unlikely layer counts run; the
+    # straight-through Gumbel estimator, weights trained on sampled slices: GUMBEL)
+    "differentiable": DIFF,
     # the same without that skip (every architecture step runs every supernet layer)
-    "differentiable-noskip": ["search.strategy=differentiable", "differentiable.skip_below=0"],
+    "differentiable-noskip": [*DIFF, "differentiable.skip_below=0"],
     # with AdaBERT's size term (a pull towards fewer parameters) besides the latency hinge
-    "differentiable-size0.1": ["search.strategy=differentiable", "differentiable.size_weight=0.1"],
+    "differentiable-size0.1": [*DIFF, "differentiable.size_weight=0.1"],
     # its earlier defaults: arch_lr 0.01 and the hinge of the expected latency ...
-    "differentiable-alr0.01": ["search.strategy=differentiable", "differentiable.arch_lr=0.01",
+    "differentiable-alr0.01": [*DIFF, "differentiable.arch_lr=0.01",
                                "differentiable.latency_loss=hinge_of_expected",
                                "differentiable.skip_below=0"],
     # ... and those at 10x the architecture learning rate
-    "differentiable-alr0.1-hoe": ["search.strategy=differentiable", "differentiable.arch_lr=0.1",
+    "differentiable-alr0.1-hoe": [*DIFF, "differentiable.arch_lr=0.1",
                                   "differentiable.latency_loss=hinge_of_expected",
                                   "differentiable.skip_below=0"],
     # the defaults without the skip, with Adam's beta1 0.9 for the logits (the samples' noise
     # averaged, not followed): measured for convergence only (SEARCH_ONLY)
-    "differentiable-b0.9": ["search.strategy=differentiable", "differentiable.arch_beta1=0.9",
+    "differentiable-b0.9": [*DIFF, "differentiable.arch_beta1=0.9",
                             "differentiable.skip_below=0"],
 }
 SEARCH_ONLY = {"differentiable-b0.9"}  # their entropies are reported, their students not finished

@@ -263,6 +263,16 @@ class DifferentiableConfig:
     tau_start: float = Field(5.0, gt=0)  # Gumbel-softmax temperature, annealed exponentially
     tau_end: float = Field(0.5, gt=0)
     latency_weight: float = Field(1.0, ge=0)  # beta of the latency loss
+    # what the weight steps train after the warm-up: slices drawn uniformly throughout, as the
+    # supernet proxy trains (SPOS), or drawn from the distributions (AdaBERT/DARTS)
+    weights: Literal["uniform", "sampled"] = "uniform"
+    # the architecture gradient of the KD loss: the score function (REINFORCE) of ``samples``
+    # slices drawn from the distributions, each scored on the same dev batch against the
+    # others' mean, or the straight-through Gumbel-softmax through the gated supernet (AdaBERT;
+    # on tweets it ranked finished students by likelihood at tau 0.15-0.26, the score function
+    # at 0.37: benchmarks/differentiable_estimators.py)
+    estimator: Literal["reinforce", "gumbel"] = "reinforce"
+    samples: int = Field(8, ge=2)
     # the latency term under a budget: the hinge of the expected latency lets a mixture of an
     # architecture over the budget and one under it sit at the budget; the expected hinge
     # charges each architecture over the budget by its own excess

@@ -193,6 +193,37 @@ def test_the_size_term_pulls_only_its_dimensions(diff_run):
         assert grads["ties"][name] is None or not grads["ties"][name].any(), name
 
 
+def test_the_score_function_moves_the_distributions_to_the_slices_that_lose_less(
+        diff_run, monkeypatch):
+    """``estimator: reinforce``: each architecture step scores slices drawn from the
+    distributions on one dev batch. With a loss that is the slice's layer count (and no
+    latency pull: the whole space fits), the mass moves to the fewest layers, and every
+    weight step still trains a uniformly drawn slice (``weights: uniform``)."""
+    drawn = []
+    real_forward = Supernet.forward
+
+    def forward(self, arch, **inputs):
+        drawn.append(arch)
+        return real_forward(self, arch, **inputs)
+
+    monkeypatch.setattr(Supernet, "forward", forward)
+    monkeypatch.setattr(diff_mod, "kd_loss", lambda logits, *args, **kwargs:
+                        0 * logits.sum() + drawn[-1].num_layers)
+    cfg, run = diff_run("differentiable.estimator=reinforce", "differentiable.weights=uniform",
+                        "differentiable.samples=4", "differentiable.arch_lr=0.3",
+                        "differentiable.steps=40")
+    study = create_or_load("r", default_storage(cfg.run_dir, "r"), cfg)
+    out = differentiable_search(run, study)
+    final = _final_probs(cfg, "r", run.space)["num_layers"]
+    assert final[0] > 0.8, final  # the fewest layers
+    assert out["arch"].startswith("L1-"), out
+    # 10 warm-up weight steps, then 30 steps of one weight slice and 4 scored slices each
+    weights = drawn[10:10 + 5 * 30:5]
+    assert len(weights) == 30
+    layers = set(run.space.choices()["num_layers"])
+    assert len(layers) > 2 and {a.num_layers for a in weights[15:]} == layers  # uniform
+
+
 @pytest.fixture
 def diff_run(project, monkeypatch):
     monkeypatch.chdir(project)

@@ -1,0 +1,147 @@
+"""What takes the differentiable search where it goes: the estimator of the architecture
+gradient, or the supernet's weight steps?
+
+At 4x@1 the search at its earlier defaults (AdaBERT's straight-through Gumbel-softmax through the
+gated supernet, each weight step on a slice drawn from the distributions) went to 3-layer,
+256-wide students with E = 128, 0.76 points below the Optuna search's pick (2 layers, 384 wide,
+E = H), and its distributions ranked proxy_fidelity's band of 36 finished students at Kendall
+tau 0.15 (differentiable_ranking.py). This runs the search (the shipped config's budget, floor
+and data; nothing trained in full) four ways, 2 x 2:
+
+- ``estimator``: ``gumbel`` (straight-through, through the gated supernet) or ``reinforce``
+  (the score function of 8 slices drawn from the distributions, scored on the same dev batch
+  against the others' mean);
+- ``weights``: ``sampled`` (a weight step trains a slice drawn from the distributions) or
+  ``uniform`` (drawn uniformly throughout, as the supernet proxy trains).
+
+Per arm: the search's wall time, each dimension's final entropy over uniform, the derived
+student, the 8 most likely within the budget (the finalists the search would train), and over
+the band's 36 students (each finished by search_vs_hand's kd2 recipe, 3 seeds): Kendall tau
+against the final test mean of the slice's dev agreement with the teacher (the supernet) and
+of the log-likelihood under the final distributions (the search), and the likelihood rank of
+the Optuna pick among the space's architectures.
+
+Resumable: each arm's study lives in ``--work``/ARM and its numbers are written to
+``--work``/results.json when done. Prints its table and writes
+``benchmarks/results/differentiable_estimators.json``: records ``arm``, ``estimator``,
+``weights``, ``budget``, ``search_seconds``, ``entropy_over_uniform``, ``derived``,
+``likely`` (``arch``, ``final_test_mean`` where the band has it, ``use``), ``tau_slice_agreement``,
+``tau_log_likelihood``, ``n``, ``optuna_pick_rank``, ``space_size``, ``cpu``.
+
+    python benchmarks/differentiable_estimators.py    # about 20 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+from finalist_search import DIFFERENTIABLE, base_overrides, study_overrides  # benchmarks/
+from real_task import resumable
+from scipy.stats import kendalltau
+from search_vs_hand import entropy_over_uniform
+
+from tacnas.evaluators.latency_table import cpu_name
+from tacnas.nas.budget import Budget
+from tacnas.nas.config import load_config
+from tacnas.nas.differentiable import checkpointed, differentiable_search, likely, log_prob
+from tacnas.nas.pipeline import prepare
+from tacnas.nas.record import TrialRecord
+from tacnas.nas.report import table as text_table
+from tacnas.nas.study import best_trial, create_or_load, default_storage
+from tacnas.searchspace.arch import ArchConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ARMS = {f"{e}-{w}": (e, w) for e in ("gumbel", "reinforce") for w in ("sampled", "uniform")}
+OPTUNA_PICK = "L2-H384-A12-F256-E384-G2"  # finalist_search's shipped study at 4x@1
+
+
+def run_arm(args, arm: str, band: dict) -> dict:
+    estimator, weights = ARMS[arm]
+    cfg = load_config(args.config, [
+        *base_overrides(Path(args.work).absolute() / arm, args.budget),
+        *study_overrides(args.config)[DIFFERENTIABLE], f"differentiable.estimator={estimator}",
+        f"differentiable.weights={weights}", "search.rescore_top_k=0"])  # no finalists
+    run = prepare(cfg, progress=True)
+    study = create_or_load(DIFFERENTIABLE, default_storage(cfg.run_dir, DIFFERENTIABLE), cfg)
+    differentiable_search(run, study)
+    rec = TrialRecord.read(best_trial(study))
+    budget = Budget.resolve(run, study)
+    net, alpha = checkpointed(run, study)
+    net.eval()
+    logp = log_prob(net, alpha)
+    rows = []
+    for name, final in band.items():
+        arch = ArchConfig.from_name(name)
+        with torch.no_grad():
+            metrics, _ = run.proxy.final_scores(net.extract(arch))
+        rows.append((final, metrics["agreement"], logp(arch)))
+    final = [r[0] for r in rows]
+    names = [a.name for a in sorted(run.space.all_archs(), key=lambda a: -logp(a))]
+    out = {
+        "arm": arm, "estimator": estimator, "weights": weights, "budget": args.budget,
+        "search_seconds": rec.train_seconds,
+        "entropy_over_uniform": entropy_over_uniform(rec.extra["final_entropy"], run.space),
+        "derived": rec.arch_name,
+        "likely": [{"arch": a.name, "final_test_mean": band.get(a.name),
+                    "use": budget.check(a).latency_ms / budget.budget_ms}
+                   for a in likely(run, net, alpha, budget, 8)],
+        "tau_slice_agreement": float(kendalltau(final, [r[1] for r in rows])[0]),
+        "tau_log_likelihood": float(kendalltau(final, [r[2] for r in rows])[0]),
+        "n": len(rows),
+        "optuna_pick_rank": names.index(OPTUNA_PICK) + 1 if OPTUNA_PICK in names else None,
+        "space_size": len(names), "cpu": cpu_name()}
+    run.meter.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--budget", default="4x@1")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    ap.add_argument("--work", default="runs/bench_differentiable_estimators")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    work, results, save = resumable(args.work)
+    band = {a["arch"]: a["final_test_mean"]
+            for a in json.loads((RESULTS / "proxy_fidelity.archs.json").read_text())}
+    for arm in args.arms:
+        key = f"{args.budget}/{arm}"
+        if key not in results:
+            results[key] = run_arm(args, arm, band)
+            save()
+    recs = [results[k] for k in sorted(results)]
+    print(f"the differentiable search at {args.budget}, four ways (seed 0; search only; "
+          f"{recs[0]['cpu']}, 2 cores, nothing else running); taus over proxy_fidelity's "
+          f"{recs[0]['n']} band students (kd2, 3 seeds)")
+    print(text_table(
+        ["arm", "search s", "max entropy / uniform", "derived", "tau slice agreement",
+         "tau log-likelihood", "Optuna pick's likelihood rank", "mean final test of the likely 8"],
+        [[r["arm"], f"{r['search_seconds']:.0f}", f"{max(r['entropy_over_uniform'].values()):.2f}",
+          r["derived"], f"{r['tau_slice_agreement']:.3f}", f"{r['tau_log_likelihood']:.3f}",
+          f"{r['optuna_pick_rank']} of {r['space_size']}",
+          _known_mean(r["likely"])] for r in recs]))
+    for r in recs:
+        print(f"{r['arm']}: entropy over uniform "
+              + ", ".join(f"{d} {v:.2f}" for d, v in r["entropy_over_uniform"].items()))
+        for i, a in enumerate(r["likely"], 1):
+            known = f"{a['final_test_mean']:.4f}" if a["final_test_mean"] is not None else "-"
+            print(f"  likely #{i} {a['arch']}  use {a['use']:.2f}  final test {known}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "differentiable_estimators.json").write_text(json.dumps(recs, indent=1) + "\n")
+    return 0
+
+
+def _known_mean(likely: list[dict]) -> str:
+    known = [a["final_test_mean"] for a in likely if a["final_test_mean"] is not None]
+    return f"{statistics.mean(known):.4f} ({len(known)} of {len(likely)} in the band)" \
+        if known else "-"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
