@@ -65,7 +65,8 @@ def run_arm(args, arm: str, band: dict) -> dict:
     cfg = load_config(args.config, [
         *base_overrides(Path(args.work).absolute() / arm, args.budget),
         *study_overrides(args.config)[DIFFERENTIABLE], f"differentiable.estimator={estimator}",
-        f"differentiable.weights={weights}", "search.rescore_top_k=0"])  # no finalists
+        f"differentiable.weights={weights}", "search.rescore_top_k=0",  # no finalists
+        "search.rescore_recipe=proxy", "search.rescore_objective=proxy"])
     run = prepare(cfg, progress=True)
     study = create_or_load(DIFFERENTIABLE, default_storage(cfg.run_dir, DIFFERENTIABLE), cfg)
     differentiable_search(run, study)
