@@ -191,22 +191,15 @@ def _valid(net: Supernet, index: dict[str, int]) -> ArchConfig | None:
         return None
 
 
-def _draw(net: Supernet, alpha: ArchParams, *, uniform: bool, tries: int = 100) -> ArchConfig:
+def _draw(net: Supernet, alpha: ArchParams, *, uniform: bool,
+          tries: int = 100) -> tuple[dict[str, int], ArchConfig]:
+    """A valid architecture drawn uniformly or from the distributions, with its choice indices."""
     for _ in range(tries):
-        arch = _valid(net, alpha.sample_index(uniform))
-        if arch is not None:
-            return arch
-    raise RuntimeError("no valid architecture drawn in 100 tries")  # the space has none?
-
-
-def _draw_index(net: Supernet, alpha: ArchParams, tries: int = 100):
-    """A valid architecture drawn from the distributions, with its choice indices."""
-    for _ in range(tries):
-        index = alpha.sample_index(False)
+        index = alpha.sample_index(uniform)
         arch = _valid(net, index)
         if arch is not None:
             return index, arch
-    raise RuntimeError("no valid architecture drawn in 100 tries")
+    raise RuntimeError("no valid architecture drawn in 100 tries")  # the space has none?
 
 
 def _gates(net: Supernet, alpha: ArchParams, tau: float, tries: int = 100):
@@ -305,7 +298,7 @@ def _step(run: Run, s: _Search, budget_ms: float | None, train, dev,
     tau = d.tau_start * (d.tau_end / d.tau_start) ** (step / max(1, d.steps - 1))
     warm = step < d.warmup_steps
     # 1. weights: the slice of a drawn architecture on a train batch
-    arch = _draw(s.net, s.alpha, uniform=warm or d.weights == "uniform")
+    _, arch = _draw(s.net, s.alpha, uniform=warm or d.weights == "uniform")
     idx = next(train)
     logits = s.net(arch, **data.train.batch(idx)).logits
     loss_w = kd_loss(logits, run.proxy.train_logits[idx], data.train.labels[idx],
@@ -358,7 +351,7 @@ def _score_function(run: Run, s: _Search, didx) -> torch.Tensor:
     weights), against the others' mean (a leave-one-out baseline); its gradient is the score
     function's. Returned with the slices' mean loss as its value, for the log."""
     d, p, data = run.cfg.differentiable, run.cfg.proxy, run.data
-    drawn = [_draw_index(s.net, s.alpha) for _ in range(d.samples)]
+    drawn = [_draw(s.net, s.alpha, uniform=False) for _ in range(d.samples)]
     batch = data.dev.batch(didx)
     was = s.net.training
     s.net.eval()
