@@ -258,9 +258,12 @@ def run_finalist_search(run, study) -> dict:
 
 def score_finalists(run, study, names: list[str]) -> dict:
     """The finalists a finalist search trained (its ``finalist_dir``), read where they are:
-    each one's dev accuracy, dev agreement with the teacher (what chose) and test accuracy."""
+    each one's dev accuracy, dev agreement with the teacher (what chose) and test accuracy, as
+    its best checkpoint stands (and ``pruned_at``: the step ``search.rescore_prune`` stopped it
+    at, where it did; such a finalist was not chosen)."""
     from transformers import AutoModelForSequenceClassification
 
+    from tacnas.evaluators.checkpoint import read_state
     from tacnas.evaluators.metrics import compute_metrics
     from tacnas.evaluators.training import predict_logits
     from tacnas.nas.optuna_search import finalist_dir
@@ -273,6 +276,9 @@ def score_finalists(run, study, names: list[str]) -> dict:
         test = compute_metrics(predict_logits(model, run.data.test), run.data.test.labels)
         out[name] = {"dev": dev["accuracy"], "dev_agreement": dev["agreement"],
                      "test": test["accuracy"]}
+        state = read_state(finalist_dir(run, study, name) / "checkpoint") or {}
+        if state.get("pruned_at"):
+            out[name]["pruned_at"] = state["pruned_at"]
     return out
 
 

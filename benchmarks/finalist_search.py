@@ -18,6 +18,10 @@ the same final recipe (search_vs_hand's kd2), as two Optuna studies per budget:
   drawn slices), then its 8 most likely architectures within the budget (``budget.min_use``
   included) in place of TPE's proxy-ranked 8, trained in full and chosen by dev agreement
   alike;
+- ``shipped-prune``, ``differentiable-prune``: ``shipped`` and ``differentiable`` with
+  ``search.rescore_prune: 0.01``: the finalists train one after another, and one whose dev
+  accuracy at an evaluation falls more than 0.01 below the best of the finished ones' at that
+  step stops there and is not chosen;
 - ``differentiable-gumbel``: the same at its earlier defaults (AdaBERT's straight-through
   Gumbel-softmax, weights trained on slices drawn from the distributions). Its studies ran
   under the name ``differentiable``, before the defaults changed.
@@ -35,7 +39,8 @@ Resumable: the studies live in ``--work``/runs; each (student, seed) is written 
 ``kind`` ("search"), ``fits``, ``arch``, ``latency_ms``, ``speedup``, ``seed``,
 ``test_score``, ``teacher_test_score``, ``dev_score``, ``dev_agreement``, ``device`` (and
 ``from``, the benchmark folder, on a reused seed), and for
-the finalists of each study (kind "search-finalist", seed 0) the same.
+the finalists of each study (kind "search-finalist", seed 0) the same (and ``pruned_at`` on a
+finalist ``search.rescore_prune`` stopped: its scores are its best checkpoint's).
 
     python benchmarks/finalist_search.py --budget 8x@1     # about 40 min on 2 CPU cores
     python benchmarks/finalist_search.py --budget 4x@1 --studies shipped   # about 56 min
@@ -63,6 +68,7 @@ STUDIES = {"finalists-use85": [*FINALIST_SEARCH, "budget.min_use=0.85"],
 SHIPPED = "shipped"
 DIFFERENTIABLE = "differentiable"  # the shipped config with search.strategy: differentiable
 GUMBEL_STUDY = "differentiable-gumbel"  # the same at the earlier estimator and weight steps
+PRUNE = ["search.rescore_prune=0.01"]  # finalists behind the finished ones' lead stop early
 
 
 def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
@@ -118,6 +124,8 @@ def study_overrides(config: str) -> dict[str, list[str]]:
     shipped = shipped_search(config)
     return {**STUDIES, SHIPPED: shipped,
             DIFFERENTIABLE: [*shipped, "search.strategy=differentiable"],
+            f"{SHIPPED}-prune": [*shipped, *PRUNE],
+            f"{DIFFERENTIABLE}-prune": [*shipped, "search.strategy=differentiable", *PRUNE],
             GUMBEL_STUDY: [*shipped, *DIFF]}
 
 
@@ -139,7 +147,8 @@ def main() -> int:
     ap.add_argument("--work", default="runs/bench_finalist_search")
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--studies", nargs="+",
-                    choices=[*STUDIES, SHIPPED, DIFFERENTIABLE, GUMBEL_STUDY],
+                    choices=[*STUDIES, SHIPPED, DIFFERENTIABLE, GUMBEL_STUDY, f"{SHIPPED}-prune",
+                             f"{DIFFERENTIABLE}-prune"],
                     default=[*STUDIES, SHIPPED, DIFFERENTIABLE],
                     help="run these (the others' finished results are still reported)")
     ap.add_argument("--reuse", nargs="*", default=[
@@ -240,7 +249,8 @@ def main() -> int:
                             "latency_ms": a_ms, "speedup": t_pred / a_ms, "latency": "predicted",
                             "seed": args.seeds[0], "test_score": u["test"],
                             "teacher_test_score": u["teacher_test"], "dev_score": u["dev"],
-                            "dev_agreement": u["dev_agreement"], "device": "cpu"})
+                            "dev_agreement": u["dev_agreement"], "device": "cpu",
+                            **({"pruned_at": u["pruned_at"]} if u.get("pruned_at") else {})})
     # this budget's studies finished in another sitting's --work (their records in the JSON)
     path = RESULTS / f"{BENCH}.json"
     before = json.loads(path.read_text()) if path.is_file() else []
@@ -286,6 +296,7 @@ def main() -> int:
             use = run.latency.ms(ArchConfig.from_name(arch_name)) / (t_pred / speedup)
             print(f"  {rank_by} #{rank} {arch_name}  use {use:.2f}  dev {u['dev']:.4f}  agreement "
                   f"{u['dev_agreement']:.4f}  test {u['test']:.4f}"
+                  + (f"  (pruned at step {u['pruned_at']})" if u.get("pruned_at") else "")
                   + ("  <- chosen" if arch_name == pick else ""))
     RESULTS.mkdir(exist_ok=True)
     # another budget's records, and this budget's of studies this --work does not hold (a

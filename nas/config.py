@@ -129,6 +129,12 @@ class SearchConfig:
     # fully trained finalists, dev agreement separated the best student by 0.80 points where
     # dev accuracy did by 0.05
     rescore_objective: Literal["proxy", "metric", "agreement"] = "proxy"
+    # with rescore_recipe: distill, the finalists train one after another; a finalist whose
+    # dev score (task.metric) at an evaluation is more than this below the best that earlier,
+    # fully trained finalists had at the same step stops there and is not chosen (None: every
+    # finalist trains in full). benchmarks/finalist_search.py: 0.01 kept the pick of 6 finished
+    # finalist searches at 0.49-0.65 of their finalists' training time
+    rescore_prune: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _differentiable_is_one_objective(self):
@@ -151,6 +157,15 @@ class SearchConfig:
                                        or self.rescore_objective != "proxy"):
             raise ValueError("search.rescore_recipe/rescore_objective: they set how the top k "
                              "are re-scored; set search.rescore_top_k to k (e.g. 8)")
+        return self
+
+    @model_validator(mode="after")
+    def _prune_needs_full_training(self):
+        if self.rescore_prune is not None and (not self.rescore_top_k
+                                               or self.rescore_recipe != "distill"):
+            raise ValueError("search.rescore_prune: it stops finalists trained in full; set "
+                             "search.rescore_top_k (e.g. 8) and rescore_recipe: distill, or "
+                             "remove rescore_prune")
         return self
 
     @model_validator(mode="after")

@@ -186,10 +186,13 @@ def distill(run: Run, arch: ArchConfig, out: Path, *, label: str = "student (dis
                         lr_key="distill.lr", runtimes=runtimes)
 
 
-def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None = None) -> dict:
+def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None = None,
+                  prune_below: dict[int, float] | None = None) -> dict:
     """The training loop of ``distill``: the best student (on dev) is saved to ``out/best``;
     returns the recipe and its curve. ``run`` needs only ``cfg.distill``, ``cfg.seed``,
-    ``cfg.proxy.init``, ``data``, ``teacher.model``, ``proxy.train_logits`` and ``progress``."""
+    ``cfg.proxy.init``, ``data``, ``teacher.model``, ``proxy.train_logits`` and ``progress``.
+    ``prune_below``: step -> dev score; an evaluation at that step scoring below it stops the
+    run as pruned (``pruned_at`` in the result and the checkpoint: a resume trains no more)."""
     d, data, teacher = run.cfg.distill, run.data, run.teacher.model
     dev = device_of(d.device)
     if d.hidden_weight or d.attention_weight:
@@ -232,7 +235,10 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     teacher_device = next(teacher.parameters()).device
     if intermediate:
         teacher.to(dev)
-    stopped = bool(state.get("early_stopped"))  # a run that stopped early is done
+    if (at := state.get("pruned_at")) and not _below(state, prune_below, at):
+        del state["pruned_at"]  # pruned against a lead it now keeps up with (or none): go on
+    # a run that stopped early (patience) or was pruned is done
+    stopped = bool(state.get("early_stopped") or state.get("pruned_at"))
     features = TeacherFeatures(d.feature_cache_gb * 1e9)
     try:
         while state["step"] < total and not stopped:
@@ -245,23 +251,36 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
             step = state["step"]
             if step % d.eval_every == 0 or step == total:
                 stopped = _evaluate(run, model, state, best_dir)
+                if _below(state, prune_below, step):
+                    log.info("%s pruned at step %d: dev %.4f, below %.4f", arch.name, step,
+                             state["curve"][-1][1], prune_below[step])
+                    state["pruned_at"], stopped = step, True
                 bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{state['curve'][-1][1]:.4f}",
                                 best=f"{state['best']:.4f}")
             if step % d.checkpoint_every == 0 or step == total or stopped:
-                state.update(seconds=time.perf_counter() - start, early_stopped=stopped)
+                state.update(seconds=time.perf_counter() - start,
+                             early_stopped=stopped and not state.get("pruned_at"))
                 save_checkpoint(ckpt, modules={"weights": params},
                                 objects={"optimizer": opt, "scheduler": sched}, state=state)
     finally:
         if intermediate:
             teacher.to(teacher_device)
     bar.close()
-    if stopped:
+    if stopped and not state.get("pruned_at"):
         log.info("early stop at step %d: no dev improvement in %d evaluations (best %.4f at %d)",
                  state["step"], d.patience, state["best"], state["best_step"])
     return {**_plain(d), "steps_run": state["step"], "planned_steps": total,
             "teacher_layers": mapping, "matched_layers": matched,
-            "best_step": state["best_step"], "early_stopped": stopped,
+            "best_step": state["best_step"], "pruned_at": state.get("pruned_at"),
+            "early_stopped": stopped and not state.get("pruned_at"),
             "curve": state["curve"], "train_seconds": state["seconds"]}
+
+
+def _below(state: dict, prune_below: dict[int, float] | None, step: int) -> bool:
+    """Whether the dev score at ``step`` (on the curve) is below ``prune_below``'s there."""
+    score = dict(state["curve"]).get(step)
+    return bool(prune_below) and step in prune_below and score is not None \
+        and score < prune_below[step]
 
 
 def _plain(d) -> dict:

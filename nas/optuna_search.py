@@ -275,7 +275,8 @@ def rescore_setting(cfg) -> dict:
     s = cfg.search
     how = ({"recipe": "proxy", "steps": s.rescore_steps} if s.rescore_recipe == "proxy"
            else {"recipe": "distill", "distill": dataclasses.asdict(cfg.distill)})
-    return {**how, "objective": s.rescore_objective}
+    prune = {"prune": s.rescore_prune} if s.rescore_prune is not None else {}
+    return {**how, "objective": s.rescore_objective, **prune}
 
 
 def rescore(run: Run, study: optuna.Study, k: int, steps: int,
@@ -314,7 +315,9 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int,
         else:
             try:
                 if full:
-                    metrics = finalist_metrics(run, study, rec.arch)
+                    lead = _prune_below(run, study, [u for u in top if scores.get(str(u.number))
+                                                     is not None])
+                    metrics = finalist_metrics(run, study, rec.arch, prune_below=lead) or {}
                 else:
                     metrics = proxy.evaluate(rec.arch, progress=False)[0].metrics
                 score = metrics.get(key)
@@ -326,6 +329,20 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int,
         study.set_user_attr("rescored", scores)
         study.set_user_attr("rescore_setting", setting)
     return rescored(study)
+
+
+def _prune_below(run: Run, study: optuna.Study, finished: list) -> dict[int, float] | None:
+    """``search.rescore_prune``: step -> the dev score a finalist must keep at that step, the
+    best the ``finished`` finalists (trained in full, not pruned) had there less the margin."""
+    margin = run.cfg.search.rescore_prune
+    if margin is None:
+        return None
+    lead: dict[int, float] = {}
+    for t in finished:
+        state = read_state(finalist_dir(run, study, TrialRecord.read(t).arch_name) / "checkpoint")
+        for step, score in (state or {}).get("curve", []):
+            lead[step] = max(lead.get(step, score), score)
+    return {step: score - margin for step, score in lead.items()}
 
 
 def finalist_dir(run: Run, study: optuna.Study, arch_name: str):
@@ -351,9 +368,11 @@ def reuse_finalist(run: Run, study: optuna.Study, arch, out) -> Path | None:
     return src
 
 
-def finalist_metrics(run: Run, study: optuna.Study, arch) -> dict:
+def finalist_metrics(run: Run, study: optuna.Study, arch,
+                     prune_below: dict[int, float] | None = None) -> dict | None:
     """A finalist trained by the ``distill`` recipe (resumed from its checkpoint), scored as the
-    search scores its candidates: dev metrics, agreement with the teacher, where deployed."""
+    search scores its candidates: dev metrics, agreement with the teacher, where deployed.
+    None: it was pruned (``prune_below``, see ``train_student``), now or when first trained."""
     from transformers import AutoModelForSequenceClassification
 
     from tacnas.nas.distill import train_student
@@ -363,7 +382,8 @@ def finalist_metrics(run: Run, study: optuna.Study, arch) -> dict:
     # workers of one study re-score the same finalists: one trains, the others then find its
     # finished checkpoint (a resume that trains nothing)
     with FileLock(str(out) + ".lock"):
-        train_student(run, arch, out)
+        if train_student(run, arch, out, prune_below=prune_below)["pruned_at"]:
+            return None
     model = AutoModelForSequenceClassification.from_pretrained(out / "best").eval()
     check_finite(model, what=f"finalist {arch.name}", lr_key="distill.lr")
     return run.proxy.final_scores(model)[0]

@@ -276,6 +276,39 @@ def test_compress_with_finalists_trains_the_top_k_fully_and_ships_the_chosen_one
         assert v == pytest.approx(acc.mean().item())
 
 
+def test_finalists_below_the_lead_of_those_before_them_are_pruned_and_never_chosen(project):
+    from tacnas.evaluators.checkpoint import read_state
+    from tacnas.nas.study import best_trial
+
+    margin = 0.02
+    cli_here("search", "--config", "tiny.yaml", "--study", "prune", "--n-trials", "5",
+             "--set", "search.rescore_top_k=4", "--set", "search.rescore_recipe=distill",
+             "--set", f"search.rescore_prune={margin}", "--set", "distill.max_steps=30",
+             "--set", "distill.eval_every=5", "--set", "distill.patience=0", cwd=project)
+    study = _study(project, "prune")
+    assert study.user_attrs["rescore_setting"]["prune"] == margin
+    top = sorted(feasible_trained(study), key=lambda t: (-t.value, t.number))[:4]
+    scores = {int(k): v for k, v in study.user_attrs["rescored"].items()}
+    (tag,) = (project / "runs" / "prune" / "finalists").iterdir()
+    lead, seen = {}, set()
+    for t in top:  # trained in this order, each against the finished ones before it
+        name = t.user_attrs["arch_name"]
+        if name in seen:
+            continue
+        seen.add(name)
+        state = read_state(tag / name / "checkpoint")
+        below = [s for s, v in state["curve"] if s in lead and v < lead[s] - margin]
+        if scores[t.number] is None:  # pruned at the first evaluation below the lead
+            assert state["pruned_at"] == below[0] == state["curve"][-1][0] < 30
+        else:
+            assert not below and state["step"] == 30 and not state.get("pruned_at")
+            for s, v in state["curve"]:
+                lead[s] = max(lead.get(s, v), v)
+    assert scores[top[0].number] is not None  # the first has no lead to keep up with
+    assert None in scores.values()  # here a 3-layer, 32-wide finalist is 0.4 behind at step 5
+    assert scores[best_trial(study).number] is not None
+
+
 def best_of(folder: Path, study: optuna.Study, n: int):
     return AutoModelForSequenceClassification.from_pretrained(
         folder / study.trials[n].user_attrs["arch_name"] / "best").eval()

@@ -207,3 +207,25 @@ def test_an_early_stopped_distillation_run_again_is_done(tiny_run, project):
     again = train_student(run, SMALL, project / "out")
     assert again["early_stopped"] and again["steps_run"] == 10
     assert again["train_seconds"] == first["train_seconds"]
+
+
+def test_a_finalist_below_the_lead_stops_there_and_resumes_only_when_the_lead_is_gone(
+        tiny_run, project):
+    run = tiny_run("distill.max_steps=40", "distill.patience=0", "distill.hidden_weight=0",
+                   "distill.attention_weight=0")
+    whole = train_student(run, SMALL, project / "whole")
+    assert whole["pruned_at"] is None and whole["steps_run"] == 40
+    at20 = dict(whole["curve"])[20]
+    # a lead no student can keep up with at step 20 (one above its own score there); none at 10
+    lead = {10: -1.0, 20: at20 + 1e-6, 30: -1.0}
+    first = train_student(run, SMALL, project / "cut", prune_below=lead)
+    assert first["pruned_at"] == 20 and first["steps_run"] == 20
+    assert not first["early_stopped"] and first["curve"] == whole["curve"][:2]
+    # the same lead: pruned, nothing trained again
+    again = train_student(run, SMALL, project / "cut", prune_below=lead)
+    assert again["pruned_at"] == 20 and again["steps_run"] == 20
+    assert again["train_seconds"] == first["train_seconds"]
+    # a lead it keeps up with (or none): it goes on from its checkpoint, as if never stopped
+    on = train_student(run, SMALL, project / "cut", prune_below={20: at20 - 0.01})
+    assert on["pruned_at"] is None and on["steps_run"] == 40
+    assert on["curve"] == whole["curve"]

@@ -262,3 +262,10 @@ def test_rescoring_is_refused_where_it_cannot_pick_one_score():
     with pytest.raises(UserError, match="search.rescore_recipe/rescore_objective"):
         config_from_dict({**base, "search": {"rescore_recipe": "distill"},
                           "budget": {"speedup": 2.0}})
+    # pruning stops finalists trained in full: with the proxy re-scoring there are none
+    with pytest.raises(UserError, match="search.rescore_prune"):
+        config_from_dict({**base, "search": {"rescore_top_k": 3, "rescore_prune": 0.01},
+                          "budget": {"speedup": 2.0}})
+    assert config_from_dict({**base, "search": {"rescore_top_k": 3, "rescore_prune": 0.01,
+                                                "rescore_recipe": "distill"},
+                             "budget": {"speedup": 2.0}}).search.rescore_prune == 0.01
