@@ -66,7 +66,8 @@ def run_arm(args, arm: str, band: dict) -> dict:
         *base_overrides(Path(args.work).absolute() / arm, args.budget),
         *study_overrides(args.config)[DIFFERENTIABLE], f"differentiable.estimator={estimator}",
         f"differentiable.weights={weights}", "search.rescore_top_k=0",  # no finalists
-        "search.rescore_recipe=proxy", "search.rescore_objective=proxy"])
+        "search.rescore_recipe=proxy", "search.rescore_objective=proxy",
+        "search.rescore_prune=null"])
     run = prepare(cfg, progress=True)
     study = create_or_load(DIFFERENTIABLE, default_storage(cfg.run_dir, DIFFERENTIABLE), cfg)
     differentiable_search(run, study)

@@ -21,7 +21,9 @@ the same final recipe (search_vs_hand's kd2), as two Optuna studies per budget:
 - ``shipped-prune``, ``differentiable-prune``: ``shipped`` and ``differentiable`` with
   ``search.rescore_prune: 0.01``: the finalists train one after another, and one whose dev
   accuracy at an evaluation falls more than 0.01 below the best of the finished ones' at that
-  step stops there and is not chosen;
+  step stops there and is not chosen. The demo config ships it since these ran, so
+  ``shipped``, ``differentiable`` and ``differentiable-gumbel`` run again would prune too; the
+  studies recorded under those names so far trained every finalist in full;
 - ``differentiable-gumbel``: the same at its earlier defaults (AdaBERT's straight-through
   Gumbel-softmax, weights trained on slices drawn from the distributions). Its studies ran
   under the name ``differentiable``, before the defaults changed.

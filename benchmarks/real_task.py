@@ -46,7 +46,8 @@ DISTILL_PROXY = ["proxy.kind=distill", "proxy.steps=200", "distill.epochs=2"]
 # one proxy run a candidate scored by dev accuracy (the demo config now scores the mean
 # agreement of 5: proxy_objectives.py; shipped_search undoes these pins)
 MEASURED_SEARCH = ["budget.min_use=null", "search.rescore_top_k=0", "search.rescore_recipe=proxy",
-                   "search.rescore_objective=proxy", "proxy.objective=metric", "proxy.repeats=1"]
+                   "search.rescore_objective=proxy", "search.rescore_prune=null",
+                   "proxy.objective=metric", "proxy.repeats=1"]
 from tacnas.nas.distill import distill  # noqa: E402
 from tacnas.nas.optuna_search import run_search  # noqa: E402
 from tacnas.nas.pipeline import prepare  # noqa: E402

@@ -161,11 +161,12 @@ class SearchConfig:
 
     @model_validator(mode="after")
     def _prune_needs_full_training(self):
-        if self.rescore_prune is not None and (not self.rescore_top_k
-                                               or self.rescore_recipe != "distill"):
+        # (without finalists, rescore_top_k: 0, it is inert, as rescore_steps is: a config that
+        # ships it can turn the finalists off with rescore_top_k alone)
+        if self.rescore_prune is not None and self.rescore_top_k \
+                and self.rescore_recipe != "distill":
             raise ValueError("search.rescore_prune: it stops finalists trained in full; set "
-                             "search.rescore_top_k (e.g. 8) and rescore_recipe: distill, or "
-                             "remove rescore_prune")
+                             "search.rescore_recipe: distill, or rescore_prune: null")
         return self
 
     @model_validator(mode="after")

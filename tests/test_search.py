@@ -269,3 +269,6 @@ def test_rescoring_is_refused_where_it_cannot_pick_one_score():
     assert config_from_dict({**base, "search": {"rescore_top_k": 3, "rescore_prune": 0.01,
                                                 "rescore_recipe": "distill"},
                              "budget": {"speedup": 2.0}}).search.rescore_prune == 0.01
+    # without finalists it is inert: a config that ships it turns them off with top_k alone
+    assert config_from_dict({**base, "search": {"rescore_prune": 0.01},
+                             "budget": {"speedup": 2.0}}).search.rescore_top_k == 0
