@@ -132,8 +132,9 @@ class SearchConfig:
     # with rescore_recipe: distill, the finalists train one after another; a finalist whose
     # dev score (task.metric) at an evaluation is more than this below the best that earlier,
     # fully trained finalists had at the same step stops there and is not chosen (None: every
-    # finalist trains in full). benchmarks/finalist_search.py: 0.01 kept the pick of 6 finished
-    # finalist searches at 0.49-0.65 of their finalists' training time
+    # finalist trains in full). benchmarks/finalist_pruning.py: 0.01 kept the pick of 6 finished
+    # finalist searches at 0.49-0.65 of their finalists' training time; finalist_search.py at
+    # 8x@1: both searches kept their pick with 5 of 8 finalists stopped at step 200
     rescore_prune: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")

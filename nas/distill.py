@@ -192,7 +192,8 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     returns the recipe and its curve. ``run`` needs only ``cfg.distill``, ``cfg.seed``,
     ``cfg.proxy.init``, ``data``, ``teacher.model``, ``proxy.train_logits`` and ``progress``.
     ``prune_below``: step -> dev score; an evaluation at that step scoring below it stops the
-    run as pruned (``pruned_at`` in the result and the checkpoint: a resume trains no more)."""
+    run as pruned (``pruned_at`` in the result and the checkpoint: a resume under which that
+    score is still below trains no more; one under another lead, or none, trains on)."""
     d, data, teacher = run.cfg.distill, run.data, run.teacher.model
     dev = device_of(d.device)
     if d.hidden_weight or d.attention_weight:
