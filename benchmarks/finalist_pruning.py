@@ -31,6 +31,7 @@ from pathlib import Path
 import optuna
 
 from tacnas.evaluators.checkpoint import read_state
+from tacnas.nas.distill import fell_behind, lead_of
 from tacnas.nas.report import table as text_table
 from tacnas.nas.study import rescored
 from tacnas.searchspace.arch import ArchConfig
@@ -65,16 +66,15 @@ def finalist_searches(work: Path):
 
 
 def replay(order: list, margin: float) -> tuple[list[str], float]:
-    """The finalists kept under ``margin``, and the seconds their training took."""
-    kept, seconds, lead = [], 0.0, {}
+    """The finalists kept under ``margin`` (the search's own rule: ``lead_of`` the kept ones'
+    curves, ``fell_behind`` it), and the seconds their training took."""
+    kept, seconds, curves = [], 0.0, []
     for arch, state in order:
-        pruned = next((step for step, v in state["curve"]
-                       if step in lead and v < lead[step] - margin), None)
+        pruned = fell_behind(state["curve"], lead_of(curves, margin))
         if pruned is None:
             kept.append(arch)
             seconds += state["seconds"]
-            for step, v in state["curve"]:
-                lead[step] = max(lead.get(step, v), v)
+            curves.append(state["curve"])
         else:
             seconds += state["seconds"] * pruned / state["step"]
     return kept, seconds

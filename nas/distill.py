@@ -236,13 +236,13 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
     teacher_device = next(teacher.parameters()).device
     if intermediate:
         teacher.to(dev)
-    if (at := state.get("pruned_at")) and not _below(state, prune_below, at):
+    if (at := state.get("pruned_at")) and not fell_behind(
+            [p for p in state["curve"] if p[0] == at], prune_below):
         del state["pruned_at"]  # pruned against a lead it now keeps up with (or none): go on
-    # a run that stopped early (patience) or was pruned is done
-    stopped = bool(state.get("early_stopped") or state.get("pruned_at"))
     features = TeacherFeatures(d.feature_cache_gb * 1e9)
     try:
-        while state["step"] < total and not stopped:
+        # a run that stopped early (patience) or was pruned is done
+        while state["step"] < total and not _done(state):
             idx = next(batches)
             loss = _loss(run, model, projection, features, idx, matched, dev)
             optimizer_step(loss, opt, params=params.parameters(), scheduler=sched,
@@ -251,37 +251,51 @@ def train_student(run, arch: ArchConfig, out: Path, *, layers: list[int] | None 
             bar.update(1)
             step = state["step"]
             if step % d.eval_every == 0 or step == total:
-                stopped = _evaluate(run, model, state, best_dir)
-                if _below(state, prune_below, step):
+                early = _evaluate(run, model, state, best_dir)
+                if fell_behind(state["curve"][-1:], prune_below):
                     log.info("%s pruned at step %d: dev %.4f, below %.4f", arch.name, step,
                              state["curve"][-1][1], prune_below[step])
-                    state["pruned_at"], stopped = step, True
+                    state["pruned_at"] = step
+                state["early_stopped"] = early and not state.get("pruned_at")
                 bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{state['curve'][-1][1]:.4f}",
                                 best=f"{state['best']:.4f}")
-            if step % d.checkpoint_every == 0 or step == total or stopped:
-                state.update(seconds=time.perf_counter() - start,
-                             early_stopped=stopped and not state.get("pruned_at"))
+            if step % d.checkpoint_every == 0 or step == total or _done(state):
+                state["seconds"] = time.perf_counter() - start
                 save_checkpoint(ckpt, modules={"weights": params},
                                 objects={"optimizer": opt, "scheduler": sched}, state=state)
     finally:
         if intermediate:
             teacher.to(teacher_device)
     bar.close()
-    if stopped and not state.get("pruned_at"):
+    if state.get("early_stopped"):
         log.info("early stop at step %d: no dev improvement in %d evaluations (best %.4f at %d)",
                  state["step"], d.patience, state["best"], state["best_step"])
     return {**_plain(d), "steps_run": state["step"], "planned_steps": total,
             "teacher_layers": mapping, "matched_layers": matched,
             "best_step": state["best_step"], "pruned_at": state.get("pruned_at"),
-            "early_stopped": stopped and not state.get("pruned_at"),
+            "early_stopped": bool(state.get("early_stopped")),
             "curve": state["curve"], "train_seconds": state["seconds"]}
 
 
-def _below(state: dict, prune_below: dict[int, float] | None, step: int) -> bool:
-    """Whether the dev score at ``step`` (on the curve) is below ``prune_below``'s there."""
-    score = dict(state["curve"]).get(step)
-    return bool(prune_below) and step in prune_below and score is not None \
-        and score < prune_below[step]
+def _done(state: dict) -> bool:
+    return bool(state.get("early_stopped") or state.get("pruned_at"))
+
+
+def lead_of(curves, margin: float) -> dict[int, float]:
+    """``search.rescore_prune``'s bar: step -> the best dev score the ``curves`` (each
+    ``[(step, score)]``, the finished finalists') had at that step, less ``margin``."""
+    lead: dict[int, float] = {}
+    for curve in curves:
+        for step, score in curve:
+            lead[step] = max(lead.get(step, score), score)
+    return {step: score - margin for step, score in lead.items()}
+
+
+def fell_behind(curve, prune_below: dict[int, float] | None) -> int | None:
+    """The first step of ``curve`` whose score is below ``prune_below``'s at that step (a
+    finalist pruned there), or None."""
+    return next((step for step, score in curve
+                 if prune_below and step in prune_below and score < prune_below[step]), None)
 
 
 def _plain(d) -> dict:

@@ -334,15 +334,14 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int,
 def _prune_below(run: Run, study: optuna.Study, finished: list) -> dict[int, float] | None:
     """``search.rescore_prune``: step -> the dev score a finalist must keep at that step, the
     best the ``finished`` finalists (trained in full, not pruned) had there less the margin."""
+    from tacnas.nas.distill import lead_of
+
     margin = run.cfg.search.rescore_prune
     if margin is None:
         return None
-    lead: dict[int, float] = {}
-    for t in finished:
-        state = read_state(finalist_dir(run, study, TrialRecord.read(t).arch_name) / "checkpoint")
-        for step, score in (state or {}).get("curve", []):
-            lead[step] = max(lead.get(step, score), score)
-    return {step: score - margin for step, score in lead.items()}
+    states = [read_state(finalist_dir(run, study, TrialRecord.read(t).arch_name) / "checkpoint")
+              for t in finished]
+    return lead_of([(s or {}).get("curve", []) for s in states], margin)
 
 
 def finalist_dir(run: Run, study: optuna.Study, arch_name: str):
