@@ -266,7 +266,8 @@ def run_search(run: Run, study: optuna.Study, *, n_trials: int | None,
         raise UserError(unmet)
     if run.cfg.search.rescore_top_k:
         summary["rescored"] = rescore(run, study, run.cfg.search.rescore_top_k,
-                                      run.cfg.search.rescore_steps)
+                                      run.cfg.search.rescore_steps, budget)
+        run.meter.close()
     return summary
 
 
@@ -279,7 +280,7 @@ def rescore_setting(cfg) -> dict:
     return {**how, "objective": s.rescore_objective, **prune}
 
 
-def rescore(run: Run, study: optuna.Study, k: int, steps: int,
+def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
             among: list | None = None) -> dict[int, float | None]:
     """Multi-fidelity (``search.rescore_top_k``): the ``k`` best feasible trials by the proxy
     are trained again, by the distillation proxy for ``steps`` KD steps or by the ``distill``
@@ -287,7 +288,9 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int,
     run's ``search.rescore_objective``. Each score is stored in the study as it is done (study
     user attribute ``rescored``), so a resumed or repeated search re-scores only what is new;
     a finalist's full training resumes from its checkpoint. ``among``: these trials (those of
-    them feasible) instead of the top ``k`` (the differentiable search's most likely)."""
+    them feasible) instead of the top ``k`` (the differentiable search's most likely). A
+    finalist may be shipped: one the latency table let in is measured before it is trained, and
+    one over the budget as measured gives its place to the next (``_measured_top``)."""
     setting = rescore_setting(run.cfg)
     scores = {str(n): v for n, v in rescored(study).items()}
     if scores and (before := rescored_under(study)) != setting:
@@ -298,7 +301,7 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int,
     if among is not None:
         numbers = {t.number for t in among}
         feasible = [t for t in feasible if t.number in numbers]
-    top = sorted(feasible, key=lambda t: (-t.value, t.number))[:k]
+    top = _measured_top(study, budget, sorted(feasible, key=lambda t: (-t.value, t.number)), k)
     by_arch = {TrialRecord.read(t).arch_name: scores[str(t.number)] for t in
                study.get_trials(deepcopy=False) if str(t.number) in scores}
     todo = [t for t in top if str(t.number) not in scores]
@@ -329,6 +332,30 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int,
         study.set_user_attr("rescored", scores)
         study.set_user_attr("rescore_setting", setting)
     return rescored(study)
+
+
+def _measured_top(study: optuna.Study, budget: Budget, ranked: list, k: int) -> list:
+    """The first ``k`` of ``ranked`` that fit the budget as measured. A trial checked on the
+    latency table's prediction is measured now (``Budget.confirm``; the study user attribute
+    ``finalist_ms`` keeps the figure, which ``feasible_trained`` applies from then on); one over
+    the budget is dropped, said so, and the next takes its place."""
+    measured = dict(study.user_attrs.get("finalist_ms") or {})
+    top = []
+    for t in ranked:
+        if len(top) == k:
+            break
+        rec = TrialRecord.read(t)
+        if rec.latency_source == "predicted" and str(t.number) not in measured:
+            v = budget.confirm(rec.arch)
+            measured[str(t.number)] = v.latency_ms
+            study.set_user_attr("finalist_ms", measured)
+            if not v.fits:
+                log.warning("finalist %s (trial %d) measured %.2f ms, over the budget of %.2f ms "
+                            "(predicted %.2f ms): not trained, the next takes its place",
+                            rec.arch_name, t.number, v.latency_ms, v.budget_ms, rec.latency_ms)
+                continue
+        top.append(t)
+    return top
 
 
 def _prune_below(run: Run, study: optuna.Study, finished: list) -> dict[int, float] | None:

@@ -51,7 +51,7 @@ class TrialRecord:
     arch: ArchConfig | None = None
     # the budget check
     latency_ms: float | None = None  # what the check used (calibrated prediction or measured)
-    latency_source: str | None = None  # predicted | measured | measured (guard band)
+    latency_source: str | None = None  # predicted | measured | measured (guard band | finalist)
     predicted_ms: float | None = None  # the latency table's raw prediction
     latency_scale: float | None = None  # the calibration applied to it
     budget_ms: float | None = None  # the latency budget it was checked against

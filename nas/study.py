@@ -237,13 +237,16 @@ def finished_same_arch(study: optuna.Study, name: str, number: int) -> FrozenTri
 
 def feasible_trained(study: optuna.Study) -> list[FrozenTrial]:
     """Trained trials within every budget, including the study's final latency budget (which
-    can only have tightened since a trial was checked)."""
+    can only have tightened since a trial was checked), on the latency measured when the trial
+    became a finalist where it was (study user attribute ``finalist_ms``)."""
     budget_ms = study.user_attrs.get("budget_ms")
+    measured = finalist_ms(study)
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         r = TrialRecord.read(t)
+        ms = measured.get(t.number, r.latency_ms)
         if r.trained and all(v <= 0 for v in t.constraints.values()) and \
-                (budget_ms is None or r.latency_ms <= budget_ms):
+                (budget_ms is None or ms <= budget_ms):
             out.append(t)
     return out
 
@@ -276,6 +279,12 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
             return [max(rescued, key=lambda t: (longer[t.number], t.value, -t.number))]
         return [max(done, key=lambda t: (t.value, -t.number))]
     return pareto_front(done)
+
+
+def finalist_ms(study: optuna.Study) -> dict[int, float]:
+    """Trial number -> its latency measured when it became a finalist (``rescore``), for trials
+    checked on the latency table's prediction; empty if none was."""
+    return {int(k): v for k, v in (study.user_attrs.get("finalist_ms") or {}).items()}
 
 
 def rescored(study: optuna.Study) -> dict[int, float | None]:

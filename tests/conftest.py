@@ -223,6 +223,18 @@ class FlopsTable:
         return arch.flops(batch_size=1, seq_len=16) / 1e6
 
 
+class OptimisticTable:
+    """A latency table that predicts ``fake_run``'s teacher exactly and every other
+    architecture 15% under what ``FakeMeter`` measures (so calibrating by the teacher does not
+    remove the error)."""
+
+    teacher = ArchConfig(4, 128, 8, 256, 128, 4)  # fake_run's teacher
+
+    def predict_ms(self, arch: ArchConfig) -> float:
+        truth = arch.flops(batch_size=1, seq_len=16) / 1e6
+        return truth if arch == self.teacher else 0.85 * truth
+
+
 def _synthetic_split(n: int, seed: int) -> Split:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(4, 16, (n,), generator=g)

@@ -506,3 +506,42 @@ def test_differentiable_finalists_without_the_search_checkpoint_are_a_user_error
                                         r"checkpoint is gone"):
         differentiable_search(run, study)
     assert len(study.trials) == 1 and "differentiable_finalists" not in study.user_attrs
+
+
+def test_what_the_differentiable_search_may_ship_fits_as_measured(tmp_path):
+    """Under a latency table 15% optimistic and no guard band, the most likely architectures
+    the table lets in include some over the true budget: each finalist is measured
+    (``Budget.confirm``) and recorded as measured, and those over the budget give their place to
+    the next most likely."""
+    from tacnas.nas.budget import PredictedLatency
+    from tacnas.nas.record import TrialRecord
+    from tests.conftest import OptimisticTable, fake_run
+
+    run = fake_run(tmp_path, strategy="differentiable", speedup=11.0)
+    run.cfg = dataclasses.replace(
+        run.cfg, budget=dataclasses.replace(run.cfg.budget, guard_band=0.0),
+        search=dataclasses.replace(run.cfg.search, rescore_top_k=4, rescore_steps=50))
+    run.latency = PredictedLatency(OptimisticTable(), run.meter)
+    study = create_or_load("m", default_storage(run.cfg.run_dir, "m"), run.cfg)
+    differentiable_search(run, study)
+    budget_ms = study.user_attrs["budget_ms"]
+    recs = [TrialRecord.read(t) for t in study.trials]
+    names = study.user_attrs["differentiable_finalists"]
+    assert sorted(r.arch_name for r in recs) == sorted(names) and len(names) == 4
+    for r in recs:
+        assert r.latency_source == "measured (finalist)"
+        assert r.latency_ms == pytest.approx(run.meter.arch_ms(r.arch))
+        assert r.latency_ms <= budget_ms
+    # the architectures more likely than the last finalist that the table let in were all
+    # measured over the budget, and there were some
+    probs = recs[0].extra["final_probs"]
+    net = Supernet(run.space, run.teacher.model)
+
+    def log_p(a):
+        return sum(math.log(probs[d][str(v)]) for d, v in diff_mod._params_of(net, a).items())
+
+    last = min(log_p(r.arch) for r in recs)
+    passed = [a for a in run.space.all_archs() if a.name not in names and log_p(a) > last
+              and run.latency.ms(a) <= budget_ms]
+    assert passed, "the test needs a likely architecture the table lets in wrongly"
+    assert all(run.meter.arch_ms(a) > budget_ms for a in passed)

@@ -33,7 +33,7 @@ from tacnas.nas.optuna_search import run_search
 from tacnas.nas.study import create_or_load, default_storage
 from tacnas.searchspace.arch import ArchConfig
 from tacnas.searchspace.space import SearchSpace
-from tests.conftest import fake_run
+from tests.conftest import OptimisticTable, fake_run
 
 SPACE = SearchSpace(num_layers=(1, 2, 4), hidden_size=(64, 128), intermediate_size=(128, 256),
                     head_size=16, embedding_size=(32, "hidden"), num_hidden_groups=(1, 2, "all"))
@@ -253,25 +253,15 @@ def test_fitted_predictions_grow_with_size_along_every_dimension():
         assert predict(big) > predict(small), dim
 
 
-class FakeTable:
-    """Predicts the teacher exactly and every candidate 15% under the truth (so calibrating by
-    the teacher does not remove the error): the guard band (25% here) must catch what the
-    error would let in."""
-
-    teacher = ArchConfig(4, 128, 8, 256, 128, 4)  # fake_run's teacher
-
-    def predict_ms(self, arch):
-        truth = arch.flops(batch_size=1, seq_len=16) / 1e6
-        return truth if arch == self.teacher else 0.85 * truth
-
-
 def test_guard_band_measures_candidates_near_the_budget(tmp_path):
+    """A table 15% optimistic (``OptimisticTable``): the guard band (25% here) must catch what
+    the error would let in."""
     import dataclasses
 
     run = fake_run(tmp_path, sampler="random", n_trials=12, speedup=3.0)
     run.cfg = dataclasses.replace(
         run.cfg, budget=dataclasses.replace(run.cfg.budget, guard_band=0.25))
-    table = FakeTable()
+    table = OptimisticTable()
     run.meter.teacher_config = BertConfig(hidden_size=128, num_hidden_layers=4,
                                           num_attention_heads=8, intermediate_size=256)
     run.latency = PredictedLatency(table, run.meter)
@@ -289,6 +279,59 @@ def test_guard_band_measures_candidates_near_the_budget(tmp_path):
     assert {a.name for a in run.meter.measured} == {t.user_attrs["arch_name"] for t in near}
     # nothing trained is over the true budget
     assert all(run.meter.arch_ms(a) <= budget for a in run.proxy.trained)
+
+
+def test_finalists_are_measured_and_one_over_the_budget_gives_its_place(tmp_path):
+    """``search.rescore_top_k`` under a latency table 15% optimistic and no guard band: the
+    search lets in candidates over the true budget; before re-scoring, each finalist is
+    measured, one over the budget is not re-scored, the next best takes its place, and the
+    pick fits as measured (also after a resume, which measures nothing again)."""
+    import dataclasses
+
+    from tacnas.nas.export import search_summary
+    from tacnas.nas.study import best_trial, feasible_trained, finalist_ms, rescored
+
+    def finalist_run():
+        run = fake_run(tmp_path, sampler="random", n_trials=16, speedup=3.0)
+        run.cfg = dataclasses.replace(
+            run.cfg, budget=dataclasses.replace(run.cfg.budget, guard_band=0.0),
+            search=dataclasses.replace(run.cfg.search, rescore_top_k=4, rescore_steps=50))
+        run.meter.teacher_config = BertConfig(hidden_size=128, num_hidden_layers=4,
+                                              num_attention_heads=8, intermediate_size=256)
+        run.latency = PredictedLatency(OptimisticTable(), run.meter)
+        return run, create_or_load("f", default_storage(run.cfg.run_dir, "f"), run.cfg)
+
+    run, study = finalist_run()
+    summary = run_search(run, study, n_trials=16, timeout=None)
+    budget = study.user_attrs["budget_ms"]
+    trained = [t for t in study.trials if t.user_attrs.get("status") == "trained"]
+    truth = {t.number: run.meter.arch_ms(ArchConfig.from_name(t.user_attrs["arch_name"]))
+             for t in trained}
+    assert all(t.user_attrs["latency_source"] == "predicted" for t in trained)
+    # the finalists: the proxy's best in order, measured until 4 fit; only they were measured
+    ranked = sorted(trained, key=lambda t: (-t.value, t.number))
+    measured = finalist_ms(study)
+    expect, fits = [], 0
+    for t in ranked:
+        if fits == 4:
+            break
+        expect.append(t.number)
+        fits += truth[t.number] <= budget
+    assert sorted(measured) == sorted(expect)
+    assert all(measured[n] == pytest.approx(truth[n]) for n in measured)
+    over = {n for n in measured if truth[n] > budget}
+    assert over, "the test needs a finalist the table lets in over the true budget"
+    assert set(summary["rescored"]) == set(measured) - over and len(summary["rescored"]) == 4
+    assert not over & {t.number for t in feasible_trained(study)}
+    pick = best_trial(study)
+    assert truth[pick.number] <= budget and pick.number in summary["rescored"]
+    assert search_summary(study, pick)["search_latency_source"] == "measured (finalist)"
+    # a resumed search measures and re-scores nothing again
+    run, study = finalist_run()
+    run.meter.measured.clear()
+    run_search(run, study, n_trials=16, timeout=None)
+    assert run.meter.measured == [] and run.proxy.rescorer is None
+    assert best_trial(study).number == pick.number
 
 
 def test_onnxruntime_backend_runs_the_same_model_and_is_measured(random_teacher, tmp_path):
