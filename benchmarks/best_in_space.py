@@ -239,14 +239,22 @@ def run_finalist_search(run, study) -> dict:
     their order by the proxy."""
     from tacnas.nas.record import TrialRecord
     from tacnas.nas.strategy import search
-    from tacnas.nas.study import best_trial
+    from tacnas.nas.study import best_trial, finalist_ms
 
     t0 = time.perf_counter()
     summary = search(run, study, n_trials=run.cfg.search.n_trials, timeout=None)
     best = best_trial(study)
     r = TrialRecord.read(best)
     names = {n: TrialRecord.read(study.trials[n]).arch_name for n in summary["rescored"]}
+    measured = finalist_ms(study)
+    # each finalist's latency as the search last checked it (measured before training, or the
+    # latency table's prediction in a study that ran before finalists were measured)
+    checked = {names[n]: {"ms": measured.get(n, (rec := TrialRecord.read(study.trials[n])).latency_ms),
+                          "source": "measured (finalist)" if n in measured else rec.latency_source}
+               for n in summary["rescored"]}
     return {"arch": r.arch.to_dict(), "proxy": r.score, "trial": best.number,
+            "finalist_latency": checked,
+            "dropped": _dropped(run, study, summary, measured),
             "seconds": time.perf_counter() - t0, "trained": summary["trained"],
             "search_seconds": summary.get("seconds"), "budget_ms": study.user_attrs["budget_ms"],
             "rescored": {names[n]: v for n, v in summary["rescored"].items()},
@@ -254,6 +262,31 @@ def run_finalist_search(run, study) -> dict:
             "proxy_order": study.user_attrs.get("differentiable_finalists") or [
                 names[n] for n in sorted(summary["rescored"],
                                          key=lambda n: (-study.trials[n].value, n))]}
+
+
+def _dropped(run, study, summary: dict, measured: dict[int, float]) -> dict[str, dict]:
+    """The candidates a finalist search measured over the budget before training them (not
+    trained; the next took their place): arch -> its measurement and the table's figure. The
+    differentiable search records none as a trial: those more likely than its last finalist
+    that the latency table let in and that are not finalists (their measurements are cached in
+    this process's meter)."""
+    from tacnas.nas.budget import Budget
+    from tacnas.nas.differentiable import checkpointed, log_prob
+    from tacnas.nas.record import TrialRecord
+
+    budget = Budget.resolve(run, study)
+    names = study.user_attrs.get("differentiable_finalists")
+    if names is None:
+        return {(r := TrialRecord.read(study.trials[n])).arch_name:
+                {"measured_ms": ms, "predicted_ms": r.latency_ms, "budget_ms": budget.budget_ms}
+                for n, ms in measured.items() if n not in summary["rescored"]}
+    net, alpha = checkpointed(run, study)
+    logp = log_prob(net, alpha)
+    last = min(logp(ArchConfig.from_name(n)) for n in names)
+    return {a.name: {"measured_ms": run.meter.arch_ms(a), "predicted_ms": run.latency.ms(a),
+                     "budget_ms": budget.budget_ms}
+            for a in run.space.all_archs()
+            if a.name not in names and logp(a) > last and budget.check(a).fits}
 
 
 def score_finalists(run, study, names: list[str]) -> dict:
