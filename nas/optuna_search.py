@@ -37,6 +37,7 @@ from tacnas.nas.study import (
     best_trials,
     checkpoint_dir,
     feasible_trained,
+    finalist_ms,
     finished_same_arch,
     floor_unmet,
     min_retention,
@@ -290,7 +291,11 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
     a finalist's full training resumes from its checkpoint. ``among``: these trials (those of
     them feasible) instead of the top ``k`` (the differentiable search's most likely). A
     finalist may be shipped: one the latency table let in is measured before it is trained, and
-    one over the budget as measured gives its place to the next (``_measured_top``)."""
+    one over the budget as measured gives its place to the next (``_measured_top``). The
+    teacher is measured again before each finalist (``Budget.tighten``): at batch 32 the same
+    student's speedup moved by 10% between phases of one sitting here, so a reading taken
+    during the search alone can leave a budget loose; a finalist over the tightened budget is
+    not trained."""
     setting = rescore_setting(run.cfg)
     scores = {str(n): v for n, v in rescored(study).items()}
     if scores and (before := rescored_under(study)) != setting:
@@ -301,6 +306,7 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
     if among is not None:
         numbers = {t.number for t in among}
         feasible = [t for t in feasible if t.number in numbers]
+    budget.tighten()
     top = _measured_top(study, budget, sorted(feasible, key=lambda t: (-t.value, t.number)), k)
     by_arch = {TrialRecord.read(t).arch_name: scores[str(t.number)] for t in
                study.get_trials(deepcopy=False) if str(t.number) in scores}
@@ -313,6 +319,13 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
     for t in tqdm(todo, desc=f"re-score the top {k} {what}", unit="candidate",
                   disable=not run.progress):
         rec = TrialRecord.read(t)
+        budget.tighten()
+        ms = finalist_ms(study).get(t.number, rec.latency_ms)
+        if budget.budget_ms is not None and ms > budget.budget_ms:
+            log.warning("finalist %s (trial %d, %.2f ms) is over the budget of %.2f ms since the "
+                        "teacher measured faster: not trained", rec.arch_name, t.number, ms,
+                        budget.budget_ms)
+            continue
         if rec.arch_name in by_arch:  # the same architecture, trained by another trial
             score = by_arch[rec.arch_name]
         else:

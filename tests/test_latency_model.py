@@ -281,25 +281,31 @@ def test_guard_band_measures_candidates_near_the_budget(tmp_path):
     assert all(run.meter.arch_ms(a) <= budget for a in run.proxy.trained)
 
 
+def _finalist_run(tmp_path):
+    """A random search of 16 trained candidates, its 4 best re-scored (the fake proxy), under
+    a latency table 15% optimistic and no guard band."""
+    import dataclasses
+
+    run = fake_run(tmp_path, sampler="random", n_trials=16, speedup=3.0)
+    run.cfg = dataclasses.replace(
+        run.cfg, budget=dataclasses.replace(run.cfg.budget, guard_band=0.0),
+        search=dataclasses.replace(run.cfg.search, rescore_top_k=4, rescore_steps=50))
+    run.meter.teacher_config = BertConfig(hidden_size=128, num_hidden_layers=4,
+                                          num_attention_heads=8, intermediate_size=256)
+    run.latency = PredictedLatency(OptimisticTable(), run.meter)
+    return run, create_or_load("f", default_storage(run.cfg.run_dir, "f"), run.cfg)
+
+
 def test_finalists_are_measured_and_one_over_the_budget_gives_its_place(tmp_path):
     """``search.rescore_top_k`` under a latency table 15% optimistic and no guard band: the
     search lets in candidates over the true budget; before re-scoring, each finalist is
     measured, one over the budget is not re-scored, the next best takes its place, and the
     pick fits as measured (also after a resume, which measures nothing again)."""
-    import dataclasses
-
     from tacnas.nas.export import search_summary
-    from tacnas.nas.study import best_trial, feasible_trained, finalist_ms, rescored
+    from tacnas.nas.study import best_trial, feasible_trained, finalist_ms
 
     def finalist_run():
-        run = fake_run(tmp_path, sampler="random", n_trials=16, speedup=3.0)
-        run.cfg = dataclasses.replace(
-            run.cfg, budget=dataclasses.replace(run.cfg.budget, guard_band=0.0),
-            search=dataclasses.replace(run.cfg.search, rescore_top_k=4, rescore_steps=50))
-        run.meter.teacher_config = BertConfig(hidden_size=128, num_hidden_layers=4,
-                                              num_attention_heads=8, intermediate_size=256)
-        run.latency = PredictedLatency(OptimisticTable(), run.meter)
-        return run, create_or_load("f", default_storage(run.cfg.run_dir, "f"), run.cfg)
+        return _finalist_run(tmp_path)
 
     run, study = finalist_run()
     summary = run_search(run, study, n_trials=16, timeout=None)
@@ -377,3 +383,42 @@ def test_several_budgets_at_once_all_hold(tmp_path):
     assert run.proxy.trained
     for arch in run.proxy.trained:
         assert run.meter.arch_ms(arch) <= tight and run.params_of(arch) <= max_params
+
+
+def test_a_teacher_measured_faster_during_the_finalists_drops_those_over_the_new_budget(
+        tmp_path):
+    """The teacher reads 20% faster once the first finalist is re-scored (a quieter phase of
+    the machine): the budget tightens before each finalist, those over the tightened budget are
+    not trained, and the pick fits the study's final budget."""
+    from tacnas.nas.study import best_trial, finalist_ms
+
+    run, study = _finalist_run(tmp_path)
+    longer, slow = run.proxy.longer, run.meter.teacher_ms
+
+    def quieter_after_the_first(steps):
+        rescorer = longer(steps)
+        evaluate = rescorer.evaluate
+
+        def evaluate_then_quieter(*args, **kwargs):
+            run.meter.teacher_ms = lambda: 0.8 * slow()
+            return evaluate(*args, **kwargs)
+
+        rescorer.evaluate = evaluate_then_quieter
+        return rescorer
+
+    run.proxy.longer = quieter_after_the_first
+    summary = run_search(run, study, n_trials=16, timeout=None)
+    before, after = summary["budget_ms"], study.user_attrs["budget_ms"]
+    assert after == pytest.approx(0.8 * before)
+    ms = {t.number: finalist_ms(study).get(t.number, t.user_attrs["latency_ms"])
+          for t in study.trials if t.user_attrs.get("status") == "trained"}
+    trained = set(summary["rescored"])
+    ranked = sorted((t for t in study.trials if t.number in ms and ms[t.number] <= before),
+                    key=lambda t: (-t.value, t.number))
+    first, rest = ranked[0].number, [t.number for t in ranked[1:4]]
+    assert first in trained  # re-scored before the teacher read faster
+    skipped = [n for n in rest if n not in trained]
+    assert skipped, "the test needs a finalist between the two budgets"
+    assert all(ms[n] > after for n in skipped) and all(ms[n] <= after for n in rest
+                                                       if n in trained)
+    assert ms[best_trial(study).number] <= after
