@@ -299,7 +299,6 @@ class Budget:
                        params, self.violation(ms, params), time.perf_counter() - t0,
                        self.floor_ms)
 
-
     def confirm(self, arch: ArchConfig) -> Verdict:
         """``check`` for a candidate that may be shipped (a finalist, a derived architecture):
         under the latency table it is built and measured whatever its prediction, and the budget
