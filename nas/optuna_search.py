@@ -316,10 +316,11 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
     what = "with the distill recipe" if full else f"at {steps} steps"
     objective = run.cfg.search.rescore_objective
     key = run.proxy.score_key if objective == "proxy" else run.proxy.key_for(objective)
-    for t in tqdm(todo, desc=f"re-score the top {k} {what}", unit="candidate",
-                  disable=not run.progress):
+    for i, t in enumerate(tqdm(todo, desc=f"re-score the top {k} {what}", unit="candidate",
+                               disable=not run.progress)):
         rec = TrialRecord.read(t)
-        budget.tighten()
+        if i:  # the first: measured just before _measured_top
+            budget.tighten()
         ms = finalist_ms(study).get(t.number, rec.latency_ms)
         if budget.budget_ms is not None and ms > budget.budget_ms:
             log.warning("finalist %s (trial %d, %.2f ms) is over the budget of %.2f ms since the "
@@ -352,7 +353,7 @@ def _measured_top(study: optuna.Study, budget: Budget, ranked: list, k: int) -> 
     latency table's prediction is measured now (``Budget.confirm``; the study user attribute
     ``finalist_ms`` keeps the figure, which ``feasible_trained`` applies from then on); one over
     the budget is dropped, said so, and the next takes its place."""
-    measured = dict(study.user_attrs.get("finalist_ms") or {})
+    measured = {str(n): ms for n, ms in finalist_ms(study).items()}  # as the study stores it
     top = []
     for t in ranked:
         if len(top) == k:
