@@ -239,7 +239,7 @@ def run_finalist_search(run, study) -> dict:
     their order by the proxy."""
     from tacnas.nas.record import TrialRecord
     from tacnas.nas.strategy import search
-    from tacnas.nas.study import best_trial, finalist_ms
+    from tacnas.nas.study import best_trial, finalist_ms, finalist_source
 
     t0 = time.perf_counter()
     summary = search(run, study, n_trials=run.cfg.search.n_trials, timeout=None)
@@ -250,7 +250,8 @@ def run_finalist_search(run, study) -> dict:
     # each finalist's latency as the search last checked it (measured before training, or the
     # latency table's prediction in a study that ran before finalists were measured)
     checked = {names[n]: {"ms": measured.get(n, (rec := TrialRecord.read(study.trials[n])).latency_ms),
-                          "source": "measured (finalist)" if n in measured else rec.latency_source}
+                          "source": finalist_source(study, n) if n in measured
+                          else rec.latency_source}
                for n in summary["rescored"]}
     return {"arch": r.arch.to_dict(), "proxy": r.score, "trial": best.number,
             "finalist_latency": checked,
@@ -283,8 +284,8 @@ def _dropped(run, study, summary: dict, measured: dict[int, float]) -> dict[str,
     net, alpha = checkpointed(run, study)
     logp = log_prob(net, alpha)
     last = min(logp(ArchConfig.from_name(n)) for n in names)
-    return {a.name: {"measured_ms": run.meter.arch_ms(a), "predicted_ms": run.latency.ms(a),
-                     "budget_ms": budget.budget_ms}
+    return {a.name: {"measured_ms": budget.confirm(a).latency_ms,  # cached: likely measured it
+                     "predicted_ms": run.latency.ms(a), "budget_ms": budget.budget_ms}
             for a in run.space.all_archs()
             if a.name not in names and logp(a) > last and budget.check(a).fits}
 

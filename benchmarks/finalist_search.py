@@ -28,6 +28,11 @@ the same final recipe (search_vs_hand's kd2), as two Optuna studies per budget:
   before it is trained (``Budget.confirm``: one the latency table lets in over the budget gives
   its place to the next most likely). The 4x@32 ``differentiable-prune`` study ran before, and
   its pick measured 1% over the budget;
+- ``shipped-paired``: ``shipped-prune``'s trained candidates (its study copied, where this
+  ``--work`` holds it, less what its finalist stage recorded) through the finalist stage again,
+  since a finalist under a ``speedup`` budget is measured paired with the teacher
+  (``Budget.confirm``, ``LatencyMeter.arch_share``). At 4x@32 ``shipped-prune`` dropped its 16
+  best finalists, 2-19% over a budget set by the teacher's lowest reading;
 - ``differentiable-gumbel``: the same at its earlier defaults (AdaBERT's straight-through
   Gumbel-softmax, weights trained on slices drawn from the distributions). Its studies ran
   under the name ``differentiable``, before the defaults changed.
@@ -35,7 +40,8 @@ the same final recipe (search_vs_hand's kd2), as two Optuna studies per budget:
 Each study's pick is its seed-0 finalist (trained by the search, on this CPU) and is finished
 with seeds 1 and 2 too. Beside them: search_vs_hand.json's students at the same budget (3 seeds,
 the same recipe; trained on a lent H100 or this CPU, as recorded there), and one latency pass of
-the picks against the teacher. A pick's seed that best_in_space already finished (``--reuse``:
+the picks against the teacher, then ``--sweeps`` passes of each pick paired with the teacher
+(``paired_pass``: the figure the finalists are now checked by). A pick's seed that best_in_space already finished (``--reuse``:
 the same recipe on the same teacher; a folder's results.json, or a committed JSON of records
 with ``arch``, ``seed`` and ``test_score``) is taken from there and marked so.
 
@@ -43,7 +49,8 @@ Resumable: the studies live in ``--work``/runs; each (student, seed) is written 
 ``--work``/results.json when done and skipped on rerun. Prints its tables and writes
 ``benchmarks/results/finalist_search.json``: records ``task``, ``budget``, ``student``,
 ``kind`` ("search"), ``fits``, ``arch``, ``latency_ms``, ``speedup``, ``seed``,
-``test_score``, ``teacher_test_score``, ``dev_score``, ``dev_agreement``, ``device`` (and
+``test_score``, ``teacher_test_score``, ``dev_score``, ``dev_agreement``, ``device``,
+``paired_speedup`` (the median of the paired passes), ``paired_speedups``, ``fits_paired`` (and
 ``from``, the benchmark folder, on a reused seed), and for
 the finalists of each study (kind "search-finalist", seed 0) the same (and ``pruned_at`` on a
 finalist ``search.rescore_prune`` stopped: its scores are its best checkpoint's).
@@ -76,6 +83,7 @@ DIFFERENTIABLE = "differentiable"  # the shipped config with search.strategy: di
 GUMBEL_STUDY = "differentiable-gumbel"  # the same at the earlier estimator and weight steps
 PRUNE = ["search.rescore_prune=0.01"]  # finalists behind the finished ones' lead stop early
 MEASURED = "differentiable-measured"  # differentiable-prune, its finalists measured first
+PAIRED = "shipped-paired"  # shipped-prune's trained candidates, finalists checked paired
 
 
 def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
@@ -134,11 +142,33 @@ def study_overrides(config: str) -> dict[str, list[str]]:
             f"{SHIPPED}-prune": [*shipped, *PRUNE],
             f"{DIFFERENTIABLE}-prune": [*shipped, "search.strategy=differentiable", *PRUNE],
             MEASURED: [*shipped, "search.strategy=differentiable", *PRUNE],
+            PAIRED: [*shipped, *PRUNE],
             GUMBEL_STUDY: [*shipped, *DIFF]}
 
 
+def seed_study(cfg, name: str, source: str) -> bool:
+    """``name`` starts as a copy of the study ``source`` in the same run folder, less what its
+    finalist stage recorded (which finalists were measured, and how, and their scores): the
+    same trained candidates, under the same config, go through today's finalist stage. False
+    (nothing done) where ``name`` exists or ``source`` does not."""
+    import optuna
+
+    from tacnas.nas.study import default_storage, run_folder
+
+    if (run_folder(cfg.run_dir, name) / "study.db").is_file() or \
+            not (run_folder(cfg.run_dir, source) / "study.db").is_file():
+        return False
+    optuna.copy_study(from_study_name=source, from_storage=default_storage(cfg.run_dir, source),
+                      to_storage=default_storage(cfg.run_dir, name), to_study_name=name)
+    study = optuna.load_study(study_name=name, storage=default_storage(cfg.run_dir, name))
+    for key in ("finalist_ms", "finalist_share", "rescored", "rescore_setting"):
+        study.set_user_attr(key, None)
+    study.set_user_attr("seeded_from", source)
+    return True
+
+
 def main() -> int:
-    from real_task import distill_seed, latency_pass, resumable
+    from real_task import distill_seed, latency_pass, paired_pass, resumable
     from search_vs_hand import _sd, parse_budget
 
     from tacnas.evaluators.latency_table import cpu_name, teacher_arch
@@ -156,7 +186,7 @@ def main() -> int:
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--studies", nargs="+",
                     choices=[*STUDIES, SHIPPED, DIFFERENTIABLE, GUMBEL_STUDY, f"{SHIPPED}-prune",
-                             f"{DIFFERENTIABLE}-prune", MEASURED],
+                             f"{DIFFERENTIABLE}-prune", MEASURED, PAIRED],
                     default=[*STUDIES, SHIPPED, DIFFERENTIABLE],
                     help="run these (the others' finished results are still reported)")
     ap.add_argument("--reuse", nargs="*", default=[
@@ -188,9 +218,14 @@ def main() -> int:
             # prepared from its own config (the teacher, its logits and the supernet are cached)
             srun = (dataclasses.replace(run, cfg=cfg) if cfg.proxy == run.cfg.proxy
                     else prepare(cfg, progress=True))
+            if name == PAIRED and s is None:
+                seed_study(cfg, name, f"{SHIPPED}-prune")
             study = create_or_load(name, default_storage(cfg.run_dir, name), cfg)
             if s is None:
-                s = searches[name] = run_finalist_search(srun, study)
+                s = run_finalist_search(srun, study)
+                if source := study.user_attrs.get("seeded_from"):
+                    s["seeded_from"] = source
+                searches[name] = s
                 save()
             if "finalists" not in s:  # dev, agreement (what chose) and test of each, seed 0
                 teacher = {"teacher_test": run.teacher_test()["accuracy"],
@@ -223,6 +258,10 @@ def main() -> int:
         mine["latency"] = {"ms": ms, "teacher_ms": teacher_ms, "cpu": cpu_name()}
         save()
     lat = mine["latency"]
+    if set(mine.get("paired", {}).get("speedups", {})) != {a.name for a in picks}:
+        mine["paired"] = {"speedups": paired_pass(run, picks, args.sweeps), "cpu": cpu_name()}
+        save()
+    paired = mine["paired"]["speedups"]
 
     records, rows = [], []
     # the finalists' latency: the table's prediction against the table's teacher
@@ -235,16 +274,22 @@ def main() -> int:
         sp = lat["teacher_ms"] / ms
         test = [units[f"{pick.name}/s{seed}"]["test"] for seed in args.seeds]
         teacher_test = units[f"{pick.name}/s{args.seeds[0]}"]["teacher_test"]
+        sps = paired[pick.name]
+        sp_paired = statistics.median(sps)
         for seed in args.seeds:
             u = units[f"{pick.name}/s{seed}"]
             records.append({"task": "tweets", "budget": args.budget, "student": name,
                             "kind": "search", "fits": sp >= speedup, "arch": pick.name,
                             "latency_ms": ms, "speedup": sp, "seed": seed,
+                            "paired_speedup": sp_paired, "paired_speedups": sps,
+                            "fits_paired": sp_paired >= speedup,
                             "test_score": u["test"], "teacher_test_score": u["teacher_test"],
                             "dev_score": u["dev"], "dev_agreement": u["dev_agreement"],
                             "device": u.get("device", "cpu"),
                             **({"from": u["from"]} if "from" in u else {})})
         rows.append([name, pick.name, f"{ms:.2f}", f"{sp:.2f}x", "yes" if sp >= speedup else "NO",
+                     f"{sp_paired:.2f}x ({min(sps):.2f}-{max(sps):.2f})",
+                     "yes" if sp_paired >= speedup else "NO",
                      f"{ms / (lat['teacher_ms'] / speedup):.2f}",
                      f"{statistics.mean(test):.4f} ± {_sd(test):.4f}",
                      f"{100 * statistics.mean(test) / teacher_test:.1f}",
@@ -253,7 +298,7 @@ def main() -> int:
             a_ms, a_teacher, how = run.latency.ms(ArchConfig.from_name(arch_name)), t_pred, \
                 "predicted"
             checked = s.get("finalist_latency", {}).get(arch_name)
-            if checked and checked["source"] == "measured (finalist)":
+            if checked and checked["source"].startswith("measured (finalist"):
                 # as the search measured it, against its teacher (budget_ms x the speedup)
                 a_ms, a_teacher, how = checked["ms"], s["budget_ms"] * speedup, "measured"
             records.append({"task": "tweets", "budget": args.budget, "student": arch_name,
@@ -275,7 +320,7 @@ def main() -> int:
         test = [r["test_score"] for r in recs]
         r = recs[0]
         rows.append([f"{name} (earlier sitting)", r["arch"], f"{r['latency_ms']:.2f}",
-                     f"{r['speedup']:.2f}x", "yes" if r["fits"] else "NO", "",
+                     f"{r['speedup']:.2f}x", "yes" if r["fits"] else "NO", "", "", "",
                      f"{statistics.mean(test):.4f} ± {_sd(test):.4f}",
                      f"{100 * statistics.mean(test) / r['teacher_test_score']:.1f}",
                      "its own pass", ", ".join(sorted({x.get("device", "cpu") for x in recs}))])
@@ -286,13 +331,16 @@ def main() -> int:
     for (student, kind, arch, ms, sp, fits), test in sorted(
             by_student.items(), key=lambda kv: -statistics.mean(kv[1])):
         rows.append([f"{student} ({kind}, search_vs_hand)", arch, f"{ms:.2f}", f"{sp:.2f}x",
-                     "yes" if fits else "NO", "", f"{statistics.mean(test):.4f} ± {_sd(test):.4f}"
+                     "yes" if fits else "NO", "", "", "",
+                     f"{statistics.mean(test):.4f} ± {_sd(test):.4f}"
                      if len(test) > 1 else f"{test[0]:.4f}", "", "search_vs_hand's pass",
                      "search_vs_hand"])
     print(f"{args.budget}: the shipped finalist search, latency in one pass on {lat['cpu']} "
-          f"(teacher {lat['teacher_ms']:.2f} ms; search_vs_hand's rows: its own pass); test "
-          f"accuracy over seeds {args.seeds}, search_vs_hand's kd2 recipe")
-    print(text_table(["student", "architecture", "ms", "speedup", "fits", "use of budget",
+          f"(teacher {lat['teacher_ms']:.2f} ms; search_vs_hand's rows: its own pass), then "
+          f"paired with the teacher, {args.sweeps} times (median, min-max); test accuracy over "
+          f"seeds {args.seeds}, search_vs_hand's kd2 recipe")
+    print(text_table(["student", "architecture", "ms", "speedup", "fits", "paired speedup",
+                      "fits paired", "use of budget",
                       "test mean ± std", "% of teacher", "latency from", "trained on"], rows))
     for name, s in searches.items():
         pick = ArchConfig.from_dict(s["arch"]).name
@@ -301,6 +349,11 @@ def main() -> int:
                if name.startswith(DIFFERENTIABLE)
                else f"{s['trained']} trained candidates, then its {len(s['proxy_order'])} best "
                "by the proxy")
+        if s.get("seeded_from"):
+            src = searches.get(s["seeded_from"], {})
+            how = (f"{s['seeded_from']}'s {s['trained']} trained candidates (its "
+                   f"{src.get('search_seconds') or 0:.0f} s search phase not counted), then its "
+                   f"{len(s['proxy_order'])} best by the proxy")
         print(f"{name}: {s['seconds']:.0f} s on 2 cores ({how} trained in full, seed "
               f"{args.seeds[0]}; budget {s['budget_ms']:.2f} ms); chosen by dev agreement: {pick}")
         rank_by = "likely" if name.startswith(DIFFERENTIABLE) else "proxy"
@@ -311,7 +364,7 @@ def main() -> int:
             u = s["finalists"][arch_name]
             use = run.latency.ms(ArchConfig.from_name(arch_name)) / (t_pred / speedup)
             checked = s.get("finalist_latency", {}).get(arch_name)
-            if checked and checked["source"] == "measured (finalist)":
+            if checked and checked["source"].startswith("measured (finalist"):
                 use = checked["ms"] / s["budget_ms"]  # as the search measured it
             print(f"  {rank_by} #{rank} {arch_name}  use {use:.2f}  dev {u['dev']:.4f}  agreement "
                   f"{u['dev_agreement']:.4f}  test {u['test']:.4f}"

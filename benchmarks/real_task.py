@@ -144,6 +144,17 @@ def latency_pass(run, archs: list[ArchConfig], sweeps: int) -> tuple[dict, float
     return {k: statistics.median(v) for k, v in times.items()}, statistics.median(teacher)
 
 
+def paired_pass(run, archs: list[ArchConfig], sweeps: int) -> dict[str, list[float]]:
+    """Each model paired with the teacher (``LatencyMeter.arch_share``, measured afresh),
+    ``sweeps`` times over all: name -> its speedups (the teacher's time over its own), one a
+    sweep; the figure a ``speedup`` budget's finalists are checked by."""
+    out = {a.name: [] for a in archs}
+    for _ in range(sweeps):
+        for a in archs:
+            out[a.name].append(1.0 / run.meter.arch_share(a, fresh=True))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/demo.yaml")

@@ -22,6 +22,7 @@ life of the meter. The latency model profiles blocks in the same kind of worker,
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import statistics
@@ -230,6 +231,22 @@ def _measure_in_worker(config: dict | None, folder: str | None, s: Settings,
     return against_reference(fn, s)
 
 
+def _pair_in_worker(config: dict, teacher: dict, s: Settings) -> float:
+    """Runs in the latency subprocess: a model built from ``config`` timed against the teacher
+    built from ``teacher`` (kept across calls), alternating call by call (``time_ratio``, at
+    least 5 rounds): the model's time over the teacher's, no reference between."""
+    def build(c: dict):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**c))
+        module, inputs = model_inputs(model, s.batch_size, s.seq_len)
+        return runner(module, inputs, s)
+
+    key = ("reference", "teacher", json.dumps(teacher, sort_keys=True, default=str),
+           s.batch_size, s.seq_len, s.backend, s.threads)
+    teacher_fn = kept(key, lambda: (build(teacher),))[0]
+    return time_ratio(build(config), teacher_fn, **{**s.timing(), "rounds": max(5, s.rounds)})[0]
+
+
 class LatencyMeter:
     """Measures architectures built with the teacher's vocabulary and labels, in a clean
     subprocess started on first use. Figures are in ms of the reference's quiet time:
@@ -246,6 +263,7 @@ class LatencyMeter:
         self.units: dict[str, float] = {} if unit_ms is None else {backend: unit_ms}
         self._pools: dict[str, ProcessPoolExecutor] = {}  # one worker per backend
         self._cache: dict[ArchConfig, float] = {}
+        self._shares: dict[ArchConfig, float] = {}
 
     @property
     def unit_ms(self) -> float | None:
@@ -297,6 +315,22 @@ class LatencyMeter:
         config = student_config(arch, self.teacher_config).to_dict()
         return self.call(_measure_in_worker, config, None,
                          dataclasses.replace(self.settings, rounds=rounds), arch.name)
+
+    def arch_share(self, arch: ArchConfig, *, fresh: bool = False) -> float:
+        """``arch``'s time over the teacher's, the two timed alternately call by call in one
+        measurement (``_pair_in_worker``), kept per architecture (``fresh``: measured again).
+
+        A speedup budget is a ratio, and each figure in ms is measured against the small
+        reference model: at batch 32 here the teacher read 290-355 ms within minutes that way,
+        and the same student 3.3x-4.7x of it. Three ways over the same 4 students, 3 times in
+        15 minutes (AMD EPYC): paired call by call, the spread of each student's speedup was
+        2-12% but for one reading; in alternating blocks of 20 calls (each model in its own
+        steady state) 5-17%; each against the reference 5-30%, and 5-10% lower."""
+        if fresh or arch not in self._shares:
+            config = student_config(arch, self.teacher_config).to_dict()
+            self._shares[arch] = self.call(_pair_in_worker, config,
+                                           self.teacher_config.to_dict(), self.settings)
+        return self._shares[arch]
 
     def forget(self) -> None:
         """Drop the models and probes the worker keeps for sweeps."""

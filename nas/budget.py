@@ -16,7 +16,9 @@
 - A candidate predicted within ``guard_band`` of the budget (where the table's error could flip
   the decision) is measured directly instead; a candidate that may be shipped (a finalist, the
   differentiable search's derived architecture) is measured whatever its prediction
-  (``confirm``).
+  (``confirm``), under a ``speedup`` budget paired with the teacher (its time over the
+  teacher's, the two alternating call by call), so that its fit no longer depends on which
+  teacher reading set the budget.
 - One impossible reading does not rule a study: a teacher reading under half of both the other
   readings and the table's prediction is an outlier (``outlier``), ignored with a warning; a
   study's stored figure that a fresh measurement shows to be one is replaced, said so.
@@ -136,6 +138,7 @@ class Verdict:
     violation: float  # how far over the tightest budget, as a fraction (<= 0: fits)
     seconds: float  # the check itself, without storage writes
     floor_ms: float | None = None  # budget.min_use of the latency budget
+    share: float | None = None  # measured paired with the teacher: its time over the teacher's
 
     @property
     def fits(self) -> bool:
@@ -151,9 +154,11 @@ class Budget:
     """The budget of one search process; see the module docstring."""
 
     def __init__(self, cfg, latency: LatencyModel, params_of: Callable[[ArchConfig], int], *,
-                 budget_ms: float | None, study: optuna.Study | None = None):
+                 budget_ms: float | None, study: optuna.Study | None = None,
+                 teacher_ms: float | None = None):
         self.cfg, self.latency, self.params_of = cfg, latency, params_of
         self.budget_ms, self.study = budget_ms, study
+        self.teacher_ms = teacher_ms  # the teacher's lowest plausible reading (resolve, tighten)
         self.floor: float | None = None  # budget.min_retention as a score (see resolve)
         self.readings: list[float] = []  # the teacher's plausible readings in this process
 
@@ -171,7 +176,7 @@ class Budget:
         teacher_ms = now if stored is None else min(now, stored)
         lat.calibrate(teacher_ms if b.speedup is not None else now)
         budget = cls(b, lat, run.params_of, budget_ms=_latency_budget(b, teacher_ms),
-                     study=study)
+                     study=study, teacher_ms=teacher_ms)
         budget.readings = [x for x in (stored, now) if x is not None]
         budget.floor = floor_score(b.min_retention, run.teacher_dev, run.proxy.score_key)
         budget._check_reachable(run.space, teacher_ms)
@@ -212,6 +217,7 @@ class Budget:
             return
         self.readings.append(reading)
         teacher_ms = min(reading, self.study.user_attrs["teacher_ms"])
+        self.teacher_ms = min(teacher_ms, self.teacher_ms or teacher_ms)
         self.budget_ms = min(self.budget_ms, teacher_ms / self.cfg.speedup)
         self.latency.calibrate(teacher_ms)
         self._record(teacher_ms)
@@ -299,22 +305,49 @@ class Budget:
                        params, self.violation(ms, params), time.perf_counter() - t0,
                        self.floor_ms)
 
+    @property
+    def paired(self) -> bool:
+        """A ``speedup`` budget with the teacher's figure known: ``confirm`` measures a candidate
+        against the teacher, alternating, rather than against the reference (``arch_share``)."""
+        return self.cfg.speedup is not None and self.teacher_ms is not None
+
+    @property
+    def confirms(self) -> bool:
+        """Whether ``confirm`` measures anything ``check`` did not: under the latency table, or
+        under a ``speedup`` budget (``paired``)."""
+        return self.budget_ms is not None and (self.latency.source == "predicted" or self.paired)
+
     def confirm(self, arch: ArchConfig) -> Verdict:
-        """``check`` for a candidate that may be shipped (a finalist, a derived architecture):
-        under the latency table it is built and measured whatever its prediction, and the budget
-        holds on the measurement. The table is as good as this machine's noise on held-out
-        architectures, not on every one: at batch 32 the 4x@32 finalist search's pick ran 12%
-        slower than predicted, 1% over its budget, outside the guard band. The floor
-        (``budget.min_use``) stays on the prediction, as ``check`` has it. One measurement costs
-        0.7-2.5 s here against minutes of training a finalist."""
-        if self.latency.source != "predicted" or self.budget_ms is None:
+        """``check`` for a candidate that may be shipped (a finalist, a derived architecture).
+
+        - Under the latency table it is built and measured whatever its prediction. The table
+          is as good as this machine's noise on held-out architectures, not on every one: at
+          batch 32 the 4x@32 finalist search's pick ran 12% slower than predicted, 1% over its
+          budget, outside the guard band.
+        - Under a ``speedup`` budget the measurement is paired: the candidate's time over the
+          teacher's, the two run alternately in blocks (``LatencyMeter.arch_share``), times the
+          teacher's figure (``teacher_ms``), so the fit is ``share <= 1 / speedup`` whatever
+          the teacher's reading. Each measured alone against the small reference, the teacher
+          and a student drift apart at batch 32 here: the teacher read 215-351 ms within
+          sittings and the same student 3.97x-5.04x of it.
+        - The floor (``budget.min_use``) stays on the prediction, as ``check`` has it.
+
+        It costs about 40 repeats of each model (0.5 s at batch 1, 15 s at batch 32, here)
+        against minutes of training a finalist; the share is kept per architecture."""
+        if not self.confirms:
             return self.check(arch)
         t0 = time.perf_counter()
-        ms, predicted = self.latency.meter.arch_ms(arch), self.latency.ms(arch)
+        share = None
+        if self.paired:
+            share = self.latency.meter.arch_share(arch)
+            ms, source = share * self.teacher_ms, "measured (finalist, paired)"
+        else:
+            ms, source = self.latency.meter.arch_ms(arch), "measured (finalist)"
+        predicted = self.latency.ms(arch)
         params = self.params_of(arch)
-        return Verdict(ms, "measured (finalist)", self.latency.raw(arch), self.latency.scale,
-                       self.budget_ms, params, self.violation(ms, params, floor_on=predicted),
-                       time.perf_counter() - t0, self.floor_ms)
+        return Verdict(ms, source, self.latency.raw(arch), self.latency.scale, self.budget_ms,
+                       params, self.violation(ms, params, floor_on=predicted),
+                       time.perf_counter() - t0, self.floor_ms, share)
 
 
 def floor_score(min_retention: float | None, teacher_dev: dict, key: str) -> float | None:

@@ -27,7 +27,7 @@ from tacnas.nas.deploy import choose_runtimes, measure_runtimes
 from tacnas.nas.pipeline import Run
 from tacnas.nas.record import TrialRecord, TrialStatus
 from tacnas.nas.report import comparison_text
-from tacnas.nas.study import best_trial, checkpoint_dir, finalist_ms, floor_unmet
+from tacnas.nas.study import best_trial, checkpoint_dir, finalist_ms, finalist_source, floor_unmet
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def search_summary(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict
     measured = finalist_ms(study).get(trial.number)
     return {"study": study.study_name, "trial": trial.number,
             "search_latency_ms": r.latency_ms if measured is None else measured,
-            "search_latency_source": ("measured (finalist)" if measured is not None
-                                      else r.latency_source or "measured"),
+            "search_latency_source": (finalist_source(study, trial.number)
+                                      if measured is not None else r.latency_source or "measured"),
             "search_dev_score": r.score, "search_score_se": r.score_se,
             "ranked_by": study.user_attrs.get("ranked_by", {}).get("name"),
             "warnings": score_warnings(study)}

@@ -37,7 +37,6 @@ from tacnas.nas.study import (
     best_trials,
     checkpoint_dir,
     feasible_trained,
-    finalist_ms,
     finished_same_arch,
     floor_unmet,
     min_retention,
@@ -290,12 +289,9 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
     user attribute ``rescored``), so a resumed or repeated search re-scores only what is new;
     a finalist's full training resumes from its checkpoint. ``among``: these trials (those of
     them feasible) instead of the top ``k`` (the differentiable search's most likely). A
-    finalist may be shipped: one the latency table let in is measured before it is trained, and
-    one over the budget as measured gives its place to the next (``_measured_top``). The
-    teacher is measured again before each finalist (``Budget.tighten``): at batch 32 the same
-    student's speedup moved by 10% between phases of one sitting here, so a reading taken
-    during the search alone can leave a budget loose; a finalist over the tightened budget is
-    not trained."""
+    finalist may be shipped: it is measured before it is trained (``Budget.confirm``: paired
+    with the teacher under a ``speedup`` budget, else where the latency table let it in), and
+    one over the budget as measured gives its place to the next (``_measured_top``)."""
     setting = rescore_setting(run.cfg)
     scores = {str(n): v for n, v in rescored(study).items()}
     if scores and (before := rescored_under(study)) != setting:
@@ -306,7 +302,6 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
     if among is not None:
         numbers = {t.number for t in among}
         feasible = [t for t in feasible if t.number in numbers]
-    budget.tighten()
     top = _measured_top(study, budget, sorted(feasible, key=lambda t: (-t.value, t.number)), k)
     by_arch = {TrialRecord.read(t).arch_name: scores[str(t.number)] for t in
                study.get_trials(deepcopy=False) if str(t.number) in scores}
@@ -316,17 +311,9 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
     what = "with the distill recipe" if full else f"at {steps} steps"
     objective = run.cfg.search.rescore_objective
     key = run.proxy.score_key if objective == "proxy" else run.proxy.key_for(objective)
-    for i, t in enumerate(tqdm(todo, desc=f"re-score the top {k} {what}", unit="candidate",
-                               disable=not run.progress)):
+    for t in tqdm(todo, desc=f"re-score the top {k} {what}", unit="candidate",
+                  disable=not run.progress):
         rec = TrialRecord.read(t)
-        if i:  # the first: measured just before _measured_top
-            budget.tighten()
-        ms = finalist_ms(study).get(t.number, rec.latency_ms)
-        if budget.budget_ms is not None and ms > budget.budget_ms:
-            log.warning("finalist %s (trial %d, %.2f ms) is over the budget of %.2f ms since the "
-                        "teacher measured faster: not trained", rec.arch_name, t.number, ms,
-                        budget.budget_ms)
-            continue
         if rec.arch_name in by_arch:  # the same architecture, trained by another trial
             score = by_arch[rec.arch_name]
         else:
@@ -349,24 +336,31 @@ def rescore(run: Run, study: optuna.Study, k: int, steps: int, budget: Budget,
 
 
 def _measured_top(study: optuna.Study, budget: Budget, ranked: list, k: int) -> list:
-    """The first ``k`` of ``ranked`` that fit the budget as measured. A trial checked on the
-    latency table's prediction is measured now (``Budget.confirm``; the study user attribute
-    ``finalist_ms`` keeps the figure, which ``feasible_trained`` applies from then on); one over
-    the budget is dropped, said so, and the next takes its place."""
-    measured = {str(n): ms for n, ms in finalist_ms(study).items()}  # as the study stores it
+    """The first ``k`` of ``ranked`` that fit the budget as measured (``Budget.confirm``, where
+    it measures anything the trial's check did not). The study keeps each figure (user
+    attributes ``finalist_share``, paired with the teacher, and ``finalist_ms``), which
+    ``feasible_trained`` applies from then on; one over the budget is dropped, said so, and the
+    next takes its place."""
+    shares = {str(n): v for n, v in (study.user_attrs.get("finalist_share") or {}).items()}
+    measured = {str(n): v for n, v in (study.user_attrs.get("finalist_ms") or {}).items()}
     top = []
     for t in ranked:
         if len(top) == k:
             break
         rec = TrialRecord.read(t)
-        if rec.latency_source == "predicted" and str(t.number) not in measured:
+        if budget.confirms and str(t.number) not in shares and str(t.number) not in measured:
             v = budget.confirm(rec.arch)
-            measured[str(t.number)] = v.latency_ms
-            study.set_user_attr("finalist_ms", measured)
+            if v.share is not None:
+                shares[str(t.number)] = v.share
+                study.set_user_attr("finalist_share", shares)
+            else:
+                measured[str(t.number)] = v.latency_ms
+                study.set_user_attr("finalist_ms", measured)
             if not v.fits:
                 log.warning("finalist %s (trial %d) measured %.2f ms, over the budget of %.2f ms "
-                            "(predicted %.2f ms): not trained, the next takes its place",
-                            rec.arch_name, t.number, v.latency_ms, v.budget_ms, rec.latency_ms)
+                            "(checked at %.2f ms, %s): not trained, the next takes its place",
+                            rec.arch_name, t.number, v.latency_ms, v.budget_ms, rec.latency_ms,
+                            rec.latency_source)
                 continue
         top.append(t)
     return top

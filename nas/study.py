@@ -282,9 +282,22 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def finalist_ms(study: optuna.Study) -> dict[int, float]:
-    """Trial number -> its latency measured when it became a finalist (``rescore``), for trials
-    checked on the latency table's prediction; empty if none was."""
-    return {int(k): v for k, v in (study.user_attrs.get("finalist_ms") or {}).items()}
+    """Trial number -> its latency measured when it became a finalist (``rescore``; empty if
+    none was): paired with the teacher under a ``speedup`` budget (user attribute
+    ``finalist_share``, the trial's time over the teacher's), in ms of the study's teacher figure
+    now, so a later, faster teacher reading does not move its fit; else measured in ms
+    (``finalist_ms``), for trials checked on the latency table's prediction."""
+    attrs = study.user_attrs
+    out = {int(k): v for k, v in (attrs.get("finalist_ms") or {}).items()}
+    for k, share in (attrs.get("finalist_share") or {}).items():
+        out[int(k)] = share * attrs["teacher_ms"]
+    return out
+
+
+def finalist_source(study: optuna.Study, number: int) -> str:
+    """How a finalist's latency (``finalist_ms``) was measured."""
+    paired = str(number) in (study.user_attrs.get("finalist_share") or {})
+    return "measured (finalist, paired)" if paired else "measured (finalist)"
 
 
 def rescored(study: optuna.Study) -> dict[int, float | None]:

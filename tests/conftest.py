@@ -166,6 +166,11 @@ class FakeMeter:
     def teacher_ms(self) -> float:
         return TEACHER.flops(batch_size=1, seq_len=16) / 1e6
 
+    def arch_share(self, arch: ArchConfig, *, fresh: bool = False) -> float:
+        """Paired with the teacher: the true ratio, whatever ``teacher_ms`` reads."""
+        self.measured.append(arch)
+        return arch.flops(batch_size=1, seq_len=16) / TEACHER.flops(batch_size=1, seq_len=16)
+
     def close(self) -> None:
         pass
 

@@ -529,7 +529,7 @@ def test_what_the_differentiable_search_may_ship_fits_as_measured(tmp_path):
     names = study.user_attrs["differentiable_finalists"]
     assert sorted(r.arch_name for r in recs) == sorted(names) and len(names) == 4
     for r in recs:
-        assert r.latency_source == "measured (finalist)"
+        assert r.latency_source == "measured (finalist, paired)"
         assert r.latency_ms == pytest.approx(run.meter.arch_ms(r.arch))
         assert r.latency_ms <= budget_ms
     # the architectures more likely than the last finalist that the table let in were all

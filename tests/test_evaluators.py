@@ -83,6 +83,11 @@ def test_latency_is_measured_in_a_subprocess_and_cached(random_teacher, tmp_path
         assert 0 < meter.folder_ms(tmp_path / "t") < math.inf  # loaded as a user loads it
         ratio, ref_ms = meter.arch_ratio(ArchConfig(1, 32, 2, 64, 32, 1))
         assert ratio > 0 and ref_ms > 0  # one timing against the reference
+        share = meter.arch_share(ArchConfig(1, 32, 2, 64, 32, 1))  # paired with the teacher
+        assert 0 < share < math.inf
+        assert meter.arch_share(ArchConfig(1, 32, 2, 64, 32, 1)) == share  # cached
+        assert 0 < meter.arch_share(ArchConfig(1, 32, 2, 64, 32, 1), fresh=True) < math.inf
+        assert children(os.getpid()) == workers  # in the same worker, with no new one
     finally:
         meter.close()
     assert not [p for p in workers if alive(p)]  # close() ends the worker
