@@ -321,11 +321,12 @@ class LatencyMeter:
         measurement (``_pair_in_worker``), kept per architecture (``fresh``: measured again).
 
         A speedup budget is a ratio, and each figure in ms is measured against the small
-        reference model: at batch 32 here the teacher read 290-355 ms within minutes that way,
-        and the same student 3.3x-4.7x of it. Three ways over the same 4 students, 3 times in
-        15 minutes (AMD EPYC): paired call by call, the spread of each student's speedup was
-        2-12% but for one reading; in alternating blocks of 20 calls (each model in its own
-        steady state) 5-17%; each against the reference 5-30%, and 5-10% lower."""
+        reference model: at batch 32 here the teacher read 290-355 ms that way within minutes (290
+        then 354 within one), so a candidate checked against the teacher's lowest reading of a
+        study is checked against another phase of the machine. Paired, the two share the phase.
+        Four cycles over 4 students in 15 minutes (AMD EPYC, batch 32): paired, each one's
+        speedup spread 2-13% but for one reading 33% low; apart, in the same minute, 5-43%,
+        medians 4-19% lower (``benchmarks/finalist_search.py`` runs both over its picks)."""
         if fresh or arch not in self._shares:
             config = student_config(arch, self.teacher_config).to_dict()
             self._shares[arch] = self.call(_pair_in_worker, config,

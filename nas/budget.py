@@ -325,15 +325,16 @@ class Budget:
           batch 32 the 4x@32 finalist search's pick ran 12% slower than predicted, 1% over its
           budget, outside the guard band.
         - Under a ``speedup`` budget the measurement is paired: the candidate's time over the
-          teacher's, the two run alternately in blocks (``LatencyMeter.arch_share``), times the
-          teacher's figure (``teacher_ms``), so the fit is ``share <= 1 / speedup`` whatever
-          the teacher's reading. Each measured alone against the small reference, the teacher
-          and a student drift apart at batch 32 here: the teacher read 215-351 ms within
-          sittings and the same student 3.97x-5.04x of it.
+          teacher's, the two alternating call by call (``LatencyMeter.arch_share``), times
+          the teacher's figure (``teacher_ms``), so the fit is ``share <= 1 / speedup``
+          whichever teacher reading set the budget. Each measured against the small reference,
+          the teacher read 215-355 ms at batch 32 here within sittings, and the same student
+          3.97x-5.04x of it in four passes.
         - The floor (``budget.min_use``) stays on the prediction, as ``check`` has it.
 
-        It costs about 40 repeats of each model (0.5 s at batch 1, 15 s at batch 32, here)
-        against minutes of training a finalist; the share is kept per architecture."""
+        A paired measurement is 105 calls of each model (about 1 s at batch 1 and 25-40 s at
+        batch 32, here) against minutes of training a finalist; the share is kept per
+        architecture."""
         if not self.confirms:
             return self.check(arch)
         t0 = time.perf_counter()
