@@ -351,8 +351,8 @@ def main() -> int:
                "by the proxy")
         if s.get("seeded_from"):
             src = searches.get(s["seeded_from"], {})
-            how = (f"{s['seeded_from']}'s {s['trained']} trained candidates (its "
-                   f"{src.get('search_seconds') or 0:.0f} s search phase not counted), then its "
+            how = (f"{s['seeded_from']}'s {s['trained']} trained candidates (searched within "
+                   f"its {src.get('seconds', 0):.0f} s, not counted here), then its "
                    f"{len(s['proxy_order'])} best by the proxy")
         print(f"{name}: {s['seconds']:.0f} s on 2 cores ({how} trained in full, seed "
               f"{args.seeds[0]}; budget {s['budget_ms']:.2f} ms); chosen by dev agreement: {pick}")
