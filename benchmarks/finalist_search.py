@@ -33,6 +33,8 @@ the same final recipe (search_vs_hand's kd2), as two Optuna studies per budget:
   since a finalist under a ``speedup`` budget is measured paired with the teacher
   (``Budget.confirm``, ``LatencyMeter.arch_share``). At 4x@32 ``shipped-prune`` dropped its 16
   best finalists, 2-19% over a budget set by the teacher's lowest reading;
+- ``differentiable-paired``: ``differentiable-prune`` again, since its finalists under a
+  ``speedup`` budget are measured paired with the teacher;
 - ``differentiable-gumbel``: the same at its earlier defaults (AdaBERT's straight-through
   Gumbel-softmax, weights trained on slices drawn from the distributions). Its studies ran
   under the name ``differentiable``, before the defaults changed.
@@ -84,6 +86,7 @@ GUMBEL_STUDY = "differentiable-gumbel"  # the same at the earlier estimator and 
 PRUNE = ["search.rescore_prune=0.01"]  # finalists behind the finished ones' lead stop early
 MEASURED = "differentiable-measured"  # differentiable-prune, its finalists measured first
 PAIRED = "shipped-paired"  # shipped-prune's trained candidates, finalists checked paired
+DIFF_PAIRED = "differentiable-paired"  # differentiable-prune, its finalists checked paired
 
 
 def _trained_on(units: dict, arch: str, seeds: list[int]) -> str:
@@ -143,6 +146,7 @@ def study_overrides(config: str) -> dict[str, list[str]]:
             f"{DIFFERENTIABLE}-prune": [*shipped, "search.strategy=differentiable", *PRUNE],
             MEASURED: [*shipped, "search.strategy=differentiable", *PRUNE],
             PAIRED: [*shipped, *PRUNE],
+            DIFF_PAIRED: [*shipped, "search.strategy=differentiable", *PRUNE],
             GUMBEL_STUDY: [*shipped, *DIFF]}
 
 
@@ -186,7 +190,7 @@ def main() -> int:
     ap.add_argument("--sweeps", type=int, default=5)
     ap.add_argument("--studies", nargs="+",
                     choices=[*STUDIES, SHIPPED, DIFFERENTIABLE, GUMBEL_STUDY, f"{SHIPPED}-prune",
-                             f"{DIFFERENTIABLE}-prune", MEASURED, PAIRED],
+                             f"{DIFFERENTIABLE}-prune", MEASURED, PAIRED, DIFF_PAIRED],
                     default=[*STUDIES, SHIPPED, DIFFERENTIABLE],
                     help="run these (the others' finished results are still reported)")
     ap.add_argument("--reuse", nargs="*", default=[
