@@ -207,6 +207,13 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _config_runner(config: dict, s: Settings):
+    """A runner of the model built from a transformers config dict (random weights, seed 0)."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**config))
+    return runner(*model_inputs(model, s.batch_size, s.seq_len), s)
+
+
 def _measure_in_worker(config: dict | None, folder: str | None, s: Settings,
                        keep: str | None = None) -> tuple[float, float]:
     """Runs in the latency subprocess: a model built from a config dict (random weights) or
@@ -219,13 +226,10 @@ def _measure_in_worker(config: dict | None, folder: str | None, s: Settings,
             if (Path(folder) / ONNX_FILES[s.backend]).is_file():  # the graph a user ships
                 return (shipped_runner(folder, s.backend, batch_size=s.batch_size,
                                        seq_len=s.seq_len, threads=s.threads),)
-        if folder is not None:
-            model = AutoModelForSequenceClassification.from_pretrained(folder)
-        else:
-            torch.manual_seed(0)
-            model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**config))
-        module, inputs = model_inputs(model, s.batch_size, s.seq_len)
-        return (runner(module, inputs, s),)
+        if folder is None:
+            return (_config_runner(config, s),)
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        return (runner(*model_inputs(model, s.batch_size, s.seq_len), s),)
 
     fn = kept(("model", keep), build)[0] if keep is not None else build()[0]
     return against_reference(fn, s)
@@ -235,16 +239,11 @@ def _pair_in_worker(config: dict, teacher: dict, s: Settings) -> float:
     """Runs in the latency subprocess: a model built from ``config`` timed against the teacher
     built from ``teacher`` (kept across calls), alternating call by call (``time_ratio``, at
     least 5 rounds): the model's time over the teacher's, no reference between."""
-    def build(c: dict):
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**c))
-        module, inputs = model_inputs(model, s.batch_size, s.seq_len)
-        return runner(module, inputs, s)
-
     key = ("reference", "teacher", json.dumps(teacher, sort_keys=True, default=str),
            s.batch_size, s.seq_len, s.backend, s.threads)
-    teacher_fn = kept(key, lambda: (build(teacher),))[0]
-    return time_ratio(build(config), teacher_fn, **{**s.timing(), "rounds": max(5, s.rounds)})[0]
+    teacher_fn = kept(key, lambda: (_config_runner(teacher, s),))[0]
+    return time_ratio(_config_runner(config, s), teacher_fn,
+                      **{**s.timing(), "rounds": max(5, s.rounds)})[0]
 
 
 class LatencyMeter:

@@ -217,7 +217,7 @@ class Budget:
             return
         self.readings.append(reading)
         teacher_ms = min(reading, self.study.user_attrs["teacher_ms"])
-        self.teacher_ms = min(teacher_ms, self.teacher_ms or teacher_ms)
+        self.teacher_ms = teacher_ms
         self.budget_ms = min(self.budget_ms, teacher_ms / self.cfg.speedup)
         self.latency.calibrate(teacher_ms)
         self._record(teacher_ms)

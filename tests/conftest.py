@@ -155,21 +155,26 @@ def cli_here(*args, cwd: Path, check: bool = True,
 # search, the budget and the strategies are tested in seconds, without training.
 
 
+def fake_ms(arch: ArchConfig) -> float:
+    """The synthetic search's true latency of ``arch``: its FLOPs at batch 1, seq_len 16."""
+    return arch.flops(batch_size=1, seq_len=16) / 1e6
+
+
 class FakeMeter:
     def __init__(self):
         self.measured = []
 
     def arch_ms(self, arch: ArchConfig) -> float:
         self.measured.append(arch)
-        return arch.flops(batch_size=1, seq_len=16) / 1e6
+        return fake_ms(arch)
 
     def teacher_ms(self) -> float:
-        return TEACHER.flops(batch_size=1, seq_len=16) / 1e6
+        return fake_ms(TEACHER)
 
     def arch_share(self, arch: ArchConfig, *, fresh: bool = False) -> float:
         """Paired with the teacher: the true ratio, whatever ``teacher_ms`` reads."""
         self.measured.append(arch)
-        return arch.flops(batch_size=1, seq_len=16) / TEACHER.flops(batch_size=1, seq_len=16)
+        return fake_ms(arch) / fake_ms(TEACHER)
 
     def close(self) -> None:
         pass
@@ -225,7 +230,7 @@ class FlopsTable:
     """A latency table that predicts exactly what ``FakeMeter`` measures."""
 
     def predict_ms(self, arch: ArchConfig) -> float:
-        return arch.flops(batch_size=1, seq_len=16) / 1e6
+        return fake_ms(arch)
 
 
 class OptimisticTable:
@@ -236,7 +241,7 @@ class OptimisticTable:
     teacher = ArchConfig(4, 128, 8, 256, 128, 4)  # fake_run's teacher
 
     def predict_ms(self, arch: ArchConfig) -> float:
-        truth = arch.flops(batch_size=1, seq_len=16) / 1e6
+        truth = fake_ms(arch)
         return truth if arch == self.teacher else 0.85 * truth
 
 
