@@ -75,16 +75,18 @@ def model_inputs(model, batch_size: int, seq_len: int):
 
 
 def make_runner(module: torch.nn.Module, inputs: tuple, *, backend: str = "torch",
-                threads: int = 1):
+                threads: int = 1, shared: bool = False):
     """``fn()`` running ``module(*inputs)`` once: in PyTorch eager, or exported to ONNX and run
     by an ONNX Runtime session with ``threads`` intra-op threads (quantized to int8 for
-    ``onnxruntime-int8``; see ``evaluators/runtime.py``)."""
+    ``onnxruntime-int8``; see ``evaluators/runtime.py``). ``shared``: on the process's global
+    ONNX Runtime pool, which only the latency worker makes (once a process has it, a plain
+    ``InferenceSession`` there fails)."""
     module.eval()
     if backend == "torch":
         return lambda: module(*inputs)
     from tacnas.evaluators.runtime import onnx_runner
 
-    return onnx_runner(module, inputs, backend=backend, threads=threads)
+    return onnx_runner(module, inputs, backend=backend, threads=threads, shared=shared)
 
 
 def time_call(fn, *, threads: int, warmup: int = 5, repeats: int = 20, rounds: int = 3) -> float:
@@ -176,13 +178,14 @@ def reference(s: Settings):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**REFERENCE))
         module, inputs = model_inputs(model, s.batch_size, s.seq_len)
-        return (make_runner(module, inputs, backend=s.backend, threads=s.threads),)
+        return (runner(module, inputs, s),)
 
     return kept(("reference", s.batch_size, s.seq_len, s.backend, s.threads), build)[0]
 
 
 def runner(module, inputs, s: Settings):
-    return make_runner(module, inputs, backend=s.backend, threads=s.threads)
+    """A runner in the latency worker (ONNX sessions on its one shared pool)."""
+    return make_runner(module, inputs, backend=s.backend, threads=s.threads, shared=True)
 
 
 def against_reference(fn, s: Settings) -> tuple[float, float]:
@@ -214,35 +217,43 @@ def _config_runner(config: dict, s: Settings):
     return runner(*model_inputs(model, s.batch_size, s.seq_len), s)
 
 
+def _runner_of(config: dict | None, folder: str | None, s: Settings):
+    """A runner of the model built from a config dict (random weights) or loaded from a folder
+    as a user would load it: its shipped ONNX graph in ONNX Runtime, else transformers'."""
+    if folder is not None and s.backend != "torch":
+        from tacnas.evaluators.runtime import ONNX_FILES, shipped_runner
+
+        if (Path(folder) / ONNX_FILES[s.backend]).is_file():  # the graph a user ships
+            return shipped_runner(folder, s.backend, batch_size=s.batch_size,
+                                  seq_len=s.seq_len, threads=s.threads, shared=True)
+    if folder is None:
+        return _config_runner(config, s)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    return runner(*model_inputs(model, s.batch_size, s.seq_len), s)
+
+
 def _measure_in_worker(config: dict | None, folder: str | None, s: Settings,
                        keep: str | None = None) -> tuple[float, float]:
     """Runs in the latency subprocess: a model built from a config dict (random weights) or
     loaded from a folder, against the reference; with ``keep``, built once and kept under that
     name for the next sweep."""
     def build():
-        if folder is not None and s.backend != "torch":
-            from tacnas.evaluators.runtime import ONNX_FILES, shipped_runner
-
-            if (Path(folder) / ONNX_FILES[s.backend]).is_file():  # the graph a user ships
-                return (shipped_runner(folder, s.backend, batch_size=s.batch_size,
-                                       seq_len=s.seq_len, threads=s.threads),)
-        if folder is None:
-            return (_config_runner(config, s),)
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
-        return (runner(*model_inputs(model, s.batch_size, s.seq_len), s),)
+        return (_runner_of(config, folder, s),)
 
     fn = kept(("model", keep), build)[0] if keep is not None else build()[0]
     return against_reference(fn, s)
 
 
-def _pair_in_worker(config: dict, teacher: dict, s: Settings) -> float:
-    """Runs in the latency subprocess: a model built from ``config`` timed against the teacher
-    built from ``teacher`` (kept across calls), alternating call by call (``time_ratio``, at
-    least 5 rounds): the model's time over the teacher's, no reference between."""
+def _pair_in_worker(config: dict | None, teacher: dict, s: Settings,
+                    folder: str | None = None) -> float:
+    """Runs in the latency subprocess: a model built from ``config`` (or loaded from
+    ``folder``) timed against the teacher built from ``teacher`` (kept across calls),
+    alternating call by call (``time_ratio``, at least 5 rounds): the model's time over the
+    teacher's, no reference between."""
     key = ("reference", "teacher", json.dumps(teacher, sort_keys=True, default=str),
            s.batch_size, s.seq_len, s.backend, s.threads)
     teacher_fn = kept(key, lambda: (_config_runner(teacher, s),))[0]
-    return time_ratio(_config_runner(config, s), teacher_fn,
+    return time_ratio(_runner_of(config, folder, s), teacher_fn,
                       **{**s.timing(), "rounds": max(5, s.rounds)})[0]
 
 
@@ -331,6 +342,13 @@ class LatencyMeter:
             self._shares[arch] = self.call(_pair_in_worker, config,
                                            self.teacher_config.to_dict(), self.settings)
         return self._shares[arch]
+
+    def folder_share(self, folder, backend: str | None = None) -> float:
+        """A saved model's (an export's, loaded as ``folder_ms`` loads it) time over the
+        teacher's in ``backend`` (the budget's by default), paired as in ``arch_share``."""
+        s = self._settings(backend)
+        return self.call(_pair_in_worker, None, self.teacher_config.to_dict(), s, str(folder),
+                         backend=s.backend)
 
     def forget(self) -> None:
         """Drop the models and probes the worker keeps for sweeps."""

@@ -185,25 +185,27 @@ def session(path: Path, *, threads: int, shared: bool = False, save_basic: Path 
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_runner(module: torch.nn.Module, inputs: tuple, *, backend: str, threads: int):
+def onnx_runner(module: torch.nn.Module, inputs: tuple, *, backend: str, threads: int,
+                shared: bool = False):
     """``fn()`` running ``module(*inputs)`` once in ONNX Runtime (exported at these inputs'
-    shapes; quantized for ``onnxruntime-int8``)."""
+    shapes; quantized for ``onnxruntime-int8``; ``shared``: see ``session``)."""
     with tempfile.TemporaryDirectory(prefix="tacnas-ort-") as tmp:  # the session keeps it
         path = export_module(module, inputs, Path(tmp) / "m.onnx")
         if backend == "onnxruntime-int8":
             path = quantize_int8(path, Path(tmp) / "m.int8.onnx")
-        s = session(path, threads=threads, shared=True)
+        s = session(path, threads=threads, shared=shared)
     feeds = {i.name: x.numpy() for i, x in zip(s.get_inputs(), inputs)}
     return lambda: s.run(None, feeds)
 
 
 def shipped_runner(folder: Path, backend: str, *, batch_size: int, seq_len: int,
-                   threads: int, vocab_size: int | None = None):
+                   threads: int, vocab_size: int | None = None, shared: bool = False):
     """``fn()`` running the shipped graph of ``backend`` in ``folder`` on random tokens, as a
-    user's session would (token ids below ``vocab_size``, default: the folder's config's)."""
+    user's session would (token ids below ``vocab_size``, default: the folder's config's;
+    ``shared``: see ``session``)."""
     import json
 
-    s = session(Path(folder) / ONNX_FILES[backend], threads=threads, shared=True)
+    s = session(Path(folder) / ONNX_FILES[backend], threads=threads, shared=shared)
     vocab = vocab_size or json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (batch_size, seq_len), generator=g).numpy()

@@ -2,7 +2,8 @@
 and the student and the teacher measured in every runtime (``evaluators/runtime.py``).
 
 For each runtime the report gives the latency measured in it (the shipped graph, loaded as a
-user's session would load it), the test score computed in it, and how often its predictions
+user's session would load it; apart, and paired with the teacher call by call as the search
+checks its finalists), the test score computed in it, and how often its predictions
 agree with the same model's in PyTorch fp32 (ONNX Runtime's int8 kernels differ across CPUs:
 microsoft/onnxruntime#5849, #14642), for the student and the teacher alike. The teacher's graphs
 are exported once per teacher and kept in the cache.
@@ -85,14 +86,15 @@ def teacher_graphs(run: Run, backends: tuple[str, ...]) -> dict[str, Path]:
 
 
 def measure_runtimes(run: Run, folder: Path, student, runtimes: tuple[str, ...]) -> list[dict]:
-    """One row per runtime: latency (student and teacher, in that runtime, in one pass), test
-    scores computed in it, agreement with the fp32 PyTorch predictions."""
+    """One row per runtime: latency (student and teacher, in that runtime, in one pass; and
+    the student paired with the teacher, ``LatencyMeter.folder_share``), test scores computed
+    in it, agreement with the fp32 PyTorch predictions."""
     data, metric = run.data, run.data.metric
     meter = run.meter
     graphs = teacher_graphs(run, runtimes) if any(b != "torch" for b in runtimes) else {}
-    try:
-        times = {b: (meter.folder_ms(folder, backend=b), meter.teacher_ms(backend=b))
-                 for b in runtimes}
+    try:  # apart (each against the reference), then paired with the teacher call by call
+        times = {b: (meter.folder_ms(folder, backend=b), meter.teacher_ms(backend=b),
+                     meter.folder_share(folder, backend=b)) for b in runtimes}
     finally:
         meter.close()
     s_fp32 = predict_logits(student, data.test)
@@ -106,11 +108,12 @@ def measure_runtimes(run: Run, folder: Path, student, runtimes: tuple[str, ...])
         else:
             s_logits = OnnxClassifier(Path(folder) / ONNX_FILES[b]).logits(data.test)
             t_logits = OnnxClassifier(graphs[b]).logits(data.test)
-        s_ms, t_ms = times[b]
+        s_ms, t_ms, share = times[b]
         s_test = compute_metrics(s_logits, data.test.labels)
         t_test = compute_metrics(t_logits, data.test.labels)
         rows.append({
             "backend": b, "student_ms": s_ms, "teacher_ms": t_ms, "speedup": t_ms / s_ms,
+            "paired_speedup": 1.0 / share,
             "speedup_vs_torch_teacher": (torch_teacher_ms / s_ms) if torch_teacher_ms else None,
             "student_test": s_test, "teacher_test": t_test,
             "retention": s_test[metric] / t_test[metric] if t_test[metric] else None,

@@ -135,6 +135,8 @@ def write_folder(run: Run, model, arch, out: Path, *, label: str, title: str,
         "metric": data.metric,
         "budget_ms": budget_ms,
         "speedup": teacher_ms / student_ms,
+        "paired_speedup": main["paired_speedup"],  # the two alternated call by call
+        "budget_speedup": b.speedup,
         "student": {
             "arch": arch.name, "class": type(loaded).__name__, "latency_ms": student_ms,
             "search_latency_ms": search.get("search_latency_ms"),

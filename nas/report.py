@@ -156,14 +156,21 @@ def comparison_text(report: dict) -> str:
     head = ["model", "architecture", "measured ms", "predicted ms", "speedup", "params",
             f"dev {metric} ± s.e.", f"test {metric} ± s.e.", "% of teacher (test)"]
     m = report["measurement"]
+    paired = report.get("paired_speedup")
     return (
         f"measured here: batch {m['batch_size']}, seq_len {m['seq_len']}, {m['threads']} threads, "
         f"median of {m['rounds']} rounds of {m['repeats']} passes against the reference "
         f"({m['device']}); budget {_fmt(report['budget_ms'], '.2f')} ms"
+        + (f" and {report['budget_speedup']:g}x" if report.get("budget_speedup") else "")
         + (f" (during the search: {s['search_latency_ms']:.2f} ms, "
            f"{s.get('search_latency_source') or 'measured'})"
            if s.get("search_latency_ms") is not None else "") + "\n"
         + table(head, rows)
+        + (f"\npaired with the teacher (the two alternated call by call, as the search checks "
+           f"its finalists): {paired:.2f}x"
+           + (f", {'within' if paired >= report['budget_speedup'] else 'OVER'} the "
+              f"{report['budget_speedup']:g}x budget" if report.get("budget_speedup") else "")
+           if paired is not None else "")
         + (f"\nthe search ranked candidates by {report['ranked_by']}; this one scored "
            f"{fmt_score(s.get('search_dev_score'), s.get('search_score_se'))} there"
            if report.get("ranked_by") and s.get("search_dev_score") is not None else "")
@@ -179,12 +186,14 @@ def runtimes_text(report: dict) -> str:
         return ""
     metric = report["metric"]
     body = [[r["backend"], f"{r['teacher_ms']:.2f}", f"{r['student_ms']:.2f}",
-             f"{r['speedup']:.2f}x", _fmt(r.get("speedup_vs_torch_teacher"), ".2f") + "x",
+             f"{r['speedup']:.2f}x", _fmt(r.get("paired_speedup"), ".2f") + "x",
+             _fmt(r.get("speedup_vs_torch_teacher"), ".2f") + "x",
              f"{r['teacher_test'][metric]:.4f}", f"{r['student_test'][metric]:.4f}",
              _fmt(None if r.get("retention") is None else 100 * r["retention"], ".1f"),
              f"{100 * r['agreement']:.1f}", f"{100 * r['teacher_agreement']:.1f}"]
             for r in rows]
-    head = ["runtime", "teacher ms", "student ms", "speedup", "vs torch teacher",
+    head = ["runtime", "teacher ms", "student ms", "speedup", "paired speedup",
+            "vs torch teacher",
             f"teacher test {metric}", f"student test {metric}", "% of teacher",
             "student agrees with fp32 %", "teacher agrees with fp32 %"]
     return ("\n\nin each runtime (latency and test scores measured in it; agreement: test "

@@ -50,6 +50,11 @@ def test_search_resume_export_and_load(project):
     out = cli_here("export", "--study", "tiny", "--out", "exported", "--runtimes", "torch",
               cwd=project).stdout
     assert "speedup" in out and "teacher" in out
+    # the speedup budget's check, as the search checks finalists: paired with the teacher
+    rep = json.loads((project / "exported" / "report.json").read_text())
+    verdict = "within" if rep["paired_speedup"] >= 1.3 else "OVER"
+    assert rep["budget_speedup"] == 1.3
+    assert f"{rep['paired_speedup']:.2f}x, {verdict} the 1.3x budget" in out
     exp = project / "exported"
     for f in ("config.json", "model.safetensors", "arch.json", "report.json", "tokenizer.json"):
         assert (exp / f).is_file(), f

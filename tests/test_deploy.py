@@ -64,12 +64,14 @@ def test_export_ships_onnx_graphs_that_plain_onnxruntime_runs(project):
     assert set(rows) == {"torch", "onnxruntime", "onnxruntime-int8"}
     for r in rows.values():
         assert r["student_ms"] > 0 and r["teacher_ms"] > 0 and np.isfinite(r["speedup"])
+        assert r["paired_speedup"] > 0 and np.isfinite(r["paired_speedup"])
         assert 0 <= r["student_test"]["accuracy"] <= 1 and 0 <= r["agreement"] <= 1
     assert rows["torch"]["agreement"] == 1.0 and rows["onnxruntime"]["agreement"] == 1.0
     assert rows["onnxruntime"]["max_logit_diff"] < FP32_ATOL
     assert rows["onnxruntime-int8"]["agreement"] >= INT8_AGREEMENT
     assert rep["student"]["latency_ms"] == rows["torch"]["student_ms"]  # budget.backend: torch
     assert "onnxruntime-int8" in (out / "report.md").read_text()
+    assert rep["paired_speedup"] == rows["torch"]["paired_speedup"]
 
 
 def test_int8_backend_budgets_and_scores_the_int8_student(project):

@@ -357,6 +357,15 @@ def test_onnxruntime_backend_runs_the_same_model_and_is_measured(random_teacher,
     with torch.inference_mode():
         torch_logits = module(*inputs)
     assert torch.allclose(torch.from_numpy(ort_logits), torch_logits, atol=1e-4)
+    # only the latency worker joins ONNX Runtime's process-wide pool: a user's own plain session
+    # in this process still runs (with the pool made here, ONNX Runtime refuses it)
+    import onnxruntime as ort
+
+    from tacnas.evaluators.runtime import export_module
+
+    plain = ort.InferenceSession(str(export_module(module, inputs, tmp_path / "plain.onnx")),
+                                 providers=["CPUExecutionProvider"])
+    assert plain.run(None, {i.name: x.numpy() for i, x in zip(plain.get_inputs(), inputs)})
 
     meter = LatencyMeter(random_teacher.config, batch_size=1, seq_len=16, threads=1, warmup=1,
                          repeats=3, rounds=1, backend="onnxruntime")
