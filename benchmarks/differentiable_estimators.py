@@ -21,19 +21,26 @@ against the final test mean of the slice's dev agreement with the teacher (the s
 of the log-likelihood under the final distributions (the search), and the likelihood rank of
 the Optuna pick among the space's architectures.
 
-Resumable: each arm's study lives in ``--work``/ARM and its numbers are written to
-``--work``/results.json when done. Prints its table and writes
-``benchmarks/results/differentiable_estimators.json``: records ``arm``, ``estimator``,
-``weights``, ``budget``, ``search_seconds``, ``entropy_over_uniform``, ``derived``,
+``--seeds`` runs the arms at other seeds of the search (the supernet's initialisation, the
+draws and the batches; the teacher and the data splits stay the config's seed 0's), and
+``--budget`` at other budgets: there the band (4x@1's) has no finished student, so its taus and
+the Optuna pick's rank are left out (null).
+
+Resumable: each arm's study lives in ``--work``/ARM (``ARM/s1`` at seed 1, ``BUDGET/ARM``
+outside 4x@1) and its numbers are written to ``--work``/results.json when done. Prints its
+table and writes ``benchmarks/results/differentiable_estimators.json``: records ``arm``,
+``seed``, ``estimator``, ``weights``, ``budget``, ``search_seconds``, ``entropy_over_uniform``, ``derived``,
 ``likely`` (``arch``, ``final_test_mean`` where the band has it, ``use``), ``tau_slice_agreement``,
 ``tau_log_likelihood``, ``n``, ``optuna_pick_rank``, ``space_size``, ``cpu``.
 
     python benchmarks/differentiable_estimators.py    # about 20 min on 2 CPU cores
+    python benchmarks/differentiable_estimators.py --arms reinforce-uniform --seeds 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -58,17 +65,26 @@ from tacnas.searchspace.arch import ArchConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = {f"{e}-{w}": (e, w) for e in ("gumbel", "reinforce") for w in ("sampled", "uniform")}
 OPTUNA_PICK = "L2-H384-A12-F256-E384-G2"  # finalist_search's shipped study at 4x@1
+BAND_BUDGET = "4x@1"  # proxy_fidelity's band of 36 finished students lies at this budget
 
 
-def run_arm(args, arm: str, band: dict) -> dict:
+def unit_key(budget: str, arm: str, seed: int) -> str:
+    """``4x@1/reinforce-uniform`` (seed 0, as the first sitting wrote it) or ``.../s1``."""
+    return f"{budget}/{arm}" + (f"/s{seed}" if seed else "")
+
+
+def run_arm(args, arm: str, seed: int, band: dict) -> dict:
     estimator, weights = ARMS[arm]
+    folder = (Path(args.work).absolute() / ("" if args.budget == BAND_BUDGET else args.budget)
+              / arm / (f"s{seed}" if seed else ""))  # the first sitting's folders as they were
     cfg = load_config(args.config, [
-        *base_overrides(Path(args.work).absolute() / arm, args.budget),
+        *base_overrides(folder, args.budget),
         *study_overrides(args.config)[DIFFERENTIABLE], f"differentiable.estimator={estimator}",
         f"differentiable.weights={weights}", "search.rescore_top_k=0",  # no finalists
         "search.rescore_recipe=proxy", "search.rescore_objective=proxy",
         "search.rescore_prune=null"])
-    run = prepare(cfg, progress=True)
+    run = prepare(cfg, progress=True)  # the teacher and data at the config's seed
+    run = dataclasses.replace(run, cfg=dataclasses.replace(cfg, seed=seed))
     study = create_or_load(DIFFERENTIABLE, default_storage(cfg.run_dir, DIFFERENTIABLE), cfg)
     differentiable_search(run, study)
     rec = TrialRecord.read(best_trial(study))
@@ -77,7 +93,7 @@ def run_arm(args, arm: str, band: dict) -> dict:
     net.eval()
     logp = log_prob(net, alpha)
     rows = []
-    for name, final in band.items():
+    for name, final in (band.items() if args.budget == BAND_BUDGET else ()):
         arch = ArchConfig.from_name(name)
         with torch.no_grad():
             metrics, _ = run.proxy.final_scores(net.extract(arch))
@@ -85,17 +101,18 @@ def run_arm(args, arm: str, band: dict) -> dict:
     final = [r[0] for r in rows]
     names = [a.name for a in sorted(run.space.all_archs(), key=lambda a: -logp(a))]
     out = {
-        "arm": arm, "estimator": estimator, "weights": weights, "budget": args.budget,
+        "arm": arm, "seed": seed, "estimator": estimator, "weights": weights, "budget": args.budget,
         "search_seconds": rec.train_seconds,
         "entropy_over_uniform": entropy_over_uniform(rec.extra["final_entropy"], run.space),
         "derived": rec.arch_name,
         "likely": [{"arch": a.name, "final_test_mean": band.get(a.name),
                     "use": budget.check(a).latency_ms / budget.budget_ms}
                    for a in likely(run, net, alpha, budget, 8)],
-        "tau_slice_agreement": float(kendalltau(final, [r[1] for r in rows])[0]),
-        "tau_log_likelihood": float(kendalltau(final, [r[2] for r in rows])[0]),
+        "tau_slice_agreement": float(kendalltau(final, [r[1] for r in rows])[0]) if rows else None,
+        "tau_log_likelihood": float(kendalltau(final, [r[2] for r in rows])[0]) if rows else None,
         "n": len(rows),
-        "optuna_pick_rank": names.index(OPTUNA_PICK) + 1 if OPTUNA_PICK in names else None,
+        "optuna_pick_rank": names.index(OPTUNA_PICK) + 1
+        if OPTUNA_PICK in names and rows else None,
         "space_size": len(names), "cpu": cpu_name()}
     run.meter.close()
     return out
@@ -106,6 +123,9 @@ def main() -> int:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--budget", default="4x@1")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="the search's seeds (supernet, draws, batches; the teacher and the "
+                    "data splits stay the config's)")
     ap.add_argument("--work", default="runs/bench_differentiable_estimators")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -113,23 +133,25 @@ def main() -> int:
     band = {a["arch"]: a["final_test_mean"]
             for a in json.loads((RESULTS / "proxy_fidelity.archs.json").read_text())}
     for arm in args.arms:
-        key = f"{args.budget}/{arm}"
-        if key not in results:
-            results[key] = run_arm(args, arm, band)
-            save()
-    recs = [results[k] for k in sorted(results)]
-    print(f"the differentiable search at {args.budget}, four ways (seed 0; search only; "
-          f"{recs[0]['cpu']}, 2 cores, nothing else running); taus over proxy_fidelity's "
-          f"{recs[0]['n']} band students (kd2, 3 seeds)")
+        for seed in args.seeds:
+            key = unit_key(args.budget, arm, seed)
+            if key not in results:
+                results[key] = run_arm(args, arm, seed, band)
+                save()
+    recs = [{"seed": 0, **results[k]} for k in sorted(results)]  # all sittings'
+    print(f"the differentiable search (search only; {recs[0]['cpu']}, 2 cores, nothing else "
+          f"running); taus over proxy_fidelity's {BAND_BUDGET} band of 36 students (kd2, 3 seeds)")
     print(text_table(
-        ["arm", "search s", "max entropy / uniform", "derived", "tau slice agreement",
-         "tau log-likelihood", "Optuna pick's likelihood rank", "mean final test of the likely 8"],
-        [[r["arm"], f"{r['search_seconds']:.0f}", f"{max(r['entropy_over_uniform'].values()):.2f}",
-          r["derived"], f"{r['tau_slice_agreement']:.3f}", f"{r['tau_log_likelihood']:.3f}",
-          f"{r['optuna_pick_rank']} of {r['space_size']}",
+        ["budget", "arm", "seed", "search s", "max entropy / uniform", "derived",
+         "tau slice agreement", "tau log-likelihood", "Optuna pick's likelihood rank",
+         "mean final test of the likely 8"],
+        [[r["budget"], r["arm"], str(r["seed"]), f"{r['search_seconds']:.0f}",
+          f"{max(r['entropy_over_uniform'].values()):.2f}", r["derived"],
+          _fmt(r["tau_slice_agreement"]), _fmt(r["tau_log_likelihood"]),
+          f"{r['optuna_pick_rank']} of {r['space_size']}" if r["optuna_pick_rank"] else "-",
           _known_mean(r["likely"])] for r in recs]))
     for r in recs:
-        print(f"{r['arm']}: entropy over uniform "
+        print(f"{r['budget']} {r['arm']} seed {r['seed']}: entropy over uniform "
               + ", ".join(f"{d} {v:.2f}" for d, v in r["entropy_over_uniform"].items()))
         for i, a in enumerate(r["likely"], 1):
             known = f"{a['final_test_mean']:.4f}" if a["final_test_mean"] is not None else "-"
@@ -137,6 +159,10 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "differentiable_estimators.json").write_text(json.dumps(recs, indent=1) + "\n")
     return 0
+
+
+def _fmt(tau: float | None) -> str:
+    return "-" if tau is None else f"{tau:.3f}"
 
 
 def _known_mean(likely: list[dict]) -> str:
