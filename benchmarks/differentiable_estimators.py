@@ -48,7 +48,12 @@ import statistics
 from pathlib import Path
 
 import torch
-from finalist_search import DIFFERENTIABLE, base_overrides, study_overrides  # benchmarks/
+from finalist_search import (  # benchmarks/
+    DIFFERENTIABLE,
+    base_overrides,
+    finished_elsewhere,
+    study_overrides,
+)
 from real_task import resumable
 from scipy.stats import kendalltau
 from search_vs_hand import entropy_over_uniform
@@ -76,8 +81,9 @@ def unit_key(budget: str, arm: str, seed: int) -> str:
 
 def run_arm(args, arm: str, seed: int, band: dict) -> dict:
     estimator, weights = ARMS[arm]
-    folder = (Path(args.work).absolute() / ("" if args.budget == BAND_BUDGET else args.budget)
-              / arm / (f"s{seed}" if seed else ""))  # the first sitting's folders as they were
+    key = unit_key(args.budget, arm, seed)  # at 4x@1 without the budget, as the first sitting
+    folder = Path(args.work).absolute() / (key.split("/", 1)[1] if args.budget == BAND_BUDGET
+                                           else key)
     cfg = load_config(args.config, [
         *base_overrides(folder, args.budget),
         *study_overrides(args.config)[DIFFERENTIABLE], f"differentiable.estimator={estimator}",
@@ -140,11 +146,10 @@ def main() -> int:
                 results[key] = run_arm(args, arm, seed, band)
                 save()
     recs = [{"seed": 0, **results[k]} for k in sorted(results)]  # all sittings'
-    finished = finished_means()
     for r in recs:  # the likely students finished outside the band, where any were
         for a in r["likely"]:
             if a["final_test_mean"] is None:
-                a["final_test_mean"] = finished.get(a["arch"])
+                a["final_test_mean"] = finished_mean(a["arch"])
     print(f"the differentiable search (search only; {recs[0]['cpu']}, 2 cores, nothing else "
           f"running); taus over proxy_fidelity's {BAND_BUDGET} band of 36 students (kd2, 3 seeds)")
     print(text_table(
@@ -167,18 +172,16 @@ def main() -> int:
     return 0
 
 
-def finished_means() -> dict[str, float]:
-    """Each architecture's test mean over seeds 0, 1 and 2 where a committed benchmark finished
-    all three by the kd2 recipe on the full-data teacher (finalist_search's units first, as its
-    table quotes them, then best_in_space's and search_vs_hand's)."""
-    seeds: dict[str, dict[int, float]] = {}
-    for name in ("finalist_search", "best_in_space", "search_vs_hand"):
-        path = RESULTS / f"{name}.json"
-        for r in json.loads(path.read_text()) if path.is_file() else []:
-            if r.get("recipe", "kd2") == "kd2":
-                seeds.setdefault(r["arch"], {}).setdefault(r["seed"], r["test_score"])
-    return {a: statistics.mean(s[i] for i in (0, 1, 2)) for a, s in seeds.items()
-            if {0, 1, 2} <= set(s)}
+COMMITTED = [str(RESULTS / f"{name}.json")
+             for name in ("finalist_search", "best_in_space", "search_vs_hand")]
+
+
+def finished_mean(arch: str) -> float | None:
+    """``arch``'s test mean over seeds 0, 1 and 2 where committed benchmarks finished all three
+    (``finished_elsewhere``: the kd2 recipe, the full-data teacher; finalist_search's units
+    first, as its table quotes them)."""
+    units = [finished_elsewhere(COMMITTED, f"{arch}/s{seed}") for seed in (0, 1, 2)]
+    return statistics.mean(u["test"] for u in units) if all(units) else None
 
 
 def _fmt(tau: float | None) -> str:

@@ -112,7 +112,7 @@ def finished_elsewhere(folders: list[str], key: str) -> dict | None:
             for r in recs:
                 if r["arch"] == arch and r["seed"] == int(seed) and r["kind"] != "hand" \
                         and r.get("recipe", "kd2") == "kd2":
-                    return {"test": r["test_score"], "dev": r["dev_score"],
+                    return {"test": r["test_score"], "dev": r.get("dev_score"),
                             "dev_agreement": r.get("dev_agreement"),
                             "teacher_test": r["teacher_test_score"],
                             "device": r.get("device", "cpu"), "from": folder}
