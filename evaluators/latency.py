@@ -244,26 +244,16 @@ def _measure_in_worker(config: dict | None, folder: str | None, s: Settings,
     return against_reference(fn, s)
 
 
-def _teacher_runner(teacher: dict, s: Settings):
-    """The teacher built from its config dict once per worker and settings (exported once in
-    ONNX Runtime), kept for every later reading of it, apart or paired."""
-    key = ("reference", "teacher", json.dumps(teacher, sort_keys=True, default=str),
-           s.batch_size, s.seq_len, s.backend, s.threads)
-    return kept(key, lambda: (_config_runner(teacher, s),))[0]
-
-
-def _teacher_in_worker(teacher: dict, s: Settings) -> tuple[float, float]:
-    """Runs in the latency subprocess: the teacher against the reference."""
-    return against_reference(_teacher_runner(teacher, s), s)
-
-
 def _pair_in_worker(config: dict | None, teacher: dict, s: Settings,
                     folder: str | None = None) -> float:
     """Runs in the latency subprocess: a model built from ``config`` (or loaded from
     ``folder``) timed against the teacher built from ``teacher`` (kept across calls),
     alternating call by call (``time_ratio``, at least 5 rounds): the model's time over the
     teacher's, no reference between."""
-    return time_ratio(_runner_of(config, folder, s), _teacher_runner(teacher, s),
+    key = ("reference", "teacher", json.dumps(teacher, sort_keys=True, default=str),
+           s.batch_size, s.seq_len, s.backend, s.threads)
+    teacher_fn = kept(key, lambda: (_config_runner(teacher, s),))[0]
+    return time_ratio(_runner_of(config, folder, s), teacher_fn,
                       **{**s.timing(), "rounds": max(5, s.rounds)})[0]
 
 
@@ -365,29 +355,27 @@ class LatencyMeter:
         self.call(forget)
 
     # -- latencies in ms (of the unit)
-    def _run(self, fn, *args, backend: str | None = None) -> float:
-        """``fn(*args, settings)`` in the worker, a ratio to the reference, in ms of the unit."""
+    def _run(self, config: dict | None = None, folder: str | None = None,
+             backend: str | None = None) -> float:
         unit = self.unit(backend)
         s = self._settings(backend)
-        ratio, _ = self.call(fn, *args, s, backend=s.backend)
+        ratio, _ = self.call(_measure_in_worker, config, folder, s, backend=s.backend)
         return ratio * unit
 
     def teacher_ms(self, backend: str | None = None) -> float:
-        """The teacher's architecture in ``backend`` (the budget's by default), built once in
-        the worker for every reading."""
-        return self._run(_teacher_in_worker, self.teacher_config.to_dict(), backend=backend)
+        """The teacher's architecture in ``backend`` (the budget's by default)."""
+        return self._run(config=self.teacher_config.to_dict(), backend=backend)
 
     def folder_ms(self, folder, backend: str | None = None) -> float:
         """A saved model (an export), loaded as a user would load it: the transformers folder
         in PyTorch, its shipped ONNX graph in ONNX Runtime."""
-        return self._run(_measure_in_worker, None, str(folder), backend=backend)
+        return self._run(folder=str(folder), backend=backend)
 
     def config_ms(self, config: dict) -> float:
         """A model built from a transformers config dict (random weights)."""
-        return self._run(_measure_in_worker, config, None)
+        return self._run(config=config)
 
     def arch_ms(self, arch: ArchConfig) -> float:
         if arch not in self._cache:
-            self._cache[arch] = self.config_ms(
-                student_config(arch, self.teacher_config).to_dict())
+            self._cache[arch] = self._run(config=student_config(arch, self.teacher_config).to_dict())
         return self._cache[arch]
